@@ -1,0 +1,385 @@
+"""`homelab build image <role>`: a plan (printable with --dry-run), then named steps over one context.
+
+Outputs land in build/<role>/ as <role>-<version>.qcow2 and <role>-<version>.manifest.json. Everything is
+produced under a temporary directory beside them and renamed into place last, so a failed or
+interrupted build never leaves a file at a final path. The version is a hash of every input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .definition import ImageDefinition, load_role
+from .errors import BuildError, CommandFailedError, NotRootError
+from .progress import Reporter, Silent
+from .runner import describe, require_tool, run, run_streaming
+from .settings import Settings
+
+ELEMENTS_DIR = Path(__file__).resolve().parent / "elements"
+COMPOSE_DEST = "/opt/homelab/compose"
+IMAGE_INFO_DEST = "/etc/homelab/image.json"
+# Free space a build needs where DIB works and where the image lands (root fs in tmpfs/TMP_DIR,
+# the raw image, the qcow2 conversion).
+MIN_FREE_BYTES = 6 * 1024**3
+# DIB prints this line as each phase (root, install, finalise...) starts: the progress shown.
+_PHASE_RE = re.compile(r"Running hooks from \S+/hooks/(\S+)\.d")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    role: str
+    version: str
+    inputs_hash: str
+    qcow2: Path
+    manifest: Path
+    argv: list[str]
+    env: dict[str, str]
+    baked: dict[str, str]  # destination path in the image -> sha256 of its content
+    definition: ImageDefinition = field(repr=False, compare=False)
+
+    def describe(self) -> str:
+        lines = [
+            f"role:     {self.role}",
+            f"version:  {self.version}",
+            f"output:   {self.qcow2}",
+            f"manifest: {self.manifest}",
+            "environment:",
+            *[f"  {k}={v}" for k, v in sorted(self.env.items())],
+            "command:",
+            f"  {describe(self.argv)}",
+            "baked files:",
+            *[f"  {dest}  sha256:{digest[:16]}" for dest, digest in sorted(self.baked.items())],
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class BuildContext:
+    settings: Settings
+    plan: BuildPlan
+    reporter: Reporter
+    workdir: Path = Path()
+    stage: Path = Path()
+    packages: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    qcow2: Path
+    manifest: Path
+    version: str
+    skipped: bool
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): _sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def baked_sources(definition: ImageDefinition, project: Path) -> dict[str, tuple[Path, str]]:
+    """Destination in the image -> (source file, mode) for everything the definition bakes."""
+    baked: dict[str, tuple[Path, str]] = {}
+    for entry in definition["files"]:
+        baked[entry["dest"]] = (project / entry["src"], entry["mode"])
+    if definition["compose"]:
+        compose_root = project / definition["compose"]
+        for rel in _tree_hashes(compose_root):
+            baked[f"{COMPOSE_DEST}/{rel}"] = (compose_root / rel, "0644")
+    return baked
+
+
+def _dib_version() -> str:
+    from importlib.metadata import version
+
+    return version("diskimage-builder")
+
+
+def inputs_hash(definition: ImageDefinition, settings: Settings, baked: dict[str, str]) -> str:
+    """Hash of everything that decides the image: definition, baked content, elements, DIB, mirrors."""
+    inputs: dict[str, Any] = {
+        "definition": definition.values,
+        "baked": baked,
+        "elements": _tree_hashes(ELEMENTS_DIR),
+        "dib": _dib_version(),
+        "mirrors": [settings.mirror, settings.security_mirror],
+        "builder": __version__,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def dib_environment(definition: ImageDefinition, settings: Settings, workdir: Path, version: str) -> dict[str, str]:
+    dib = definition.dib_args()
+    env = {
+        "ELEMENTS_PATH": str(ELEMENTS_DIR),
+        "DIB_DISTRIBUTION_MIRROR": settings.mirror,
+        "DIB_DEBIAN_SECURITY_MIRROR": settings.security_mirror,
+        "DIB_CLOUD_INIT_DATASOURCES": "NoCloud, ConfigDrive, None",
+        # net.ifnames=0: the NIC is eth0 under QEMU and on Proxmox alike, so one network-config fits.
+        "DIB_BOOTLOADER_DEFAULT_CMDLINE": "nofb nomodeset gfxpayload=text net.ifnames=0",
+        "DIB_IMAGE_CACHE": str(settings.cache_dir / "dib"),
+        # DIB's scratch space; TMPDIR would leak into the chroot and break package scripts.
+        "TMP_DIR": str(workdir / "tmp"),
+        "HOMELAB_BAKE_DIR": str(workdir / "stage"),
+        "HOMELAB_IMAGE_VERSION": version,
+    }
+    env.update(dib.env)
+    return env
+
+
+def dib_argv(definition: ImageDefinition, output_base: Path) -> list[str]:
+    dib = definition.dib_args()
+    argv = ["disk-image-create", "-a", "amd64", "-t", "qcow2", "-u", "--image-size", str(dib.image_size_gb)]
+    argv += ["-o", str(output_base)]
+    if dib.packages:
+        argv += ["-p", ",".join(dib.packages)]
+    return argv + dib.elements
+
+
+def plan_build(settings: Settings, role: str) -> BuildPlan:
+    definition = load_role(settings.project, role)
+    baked = {dest: _sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
+    digest = inputs_hash(definition, settings, baked)
+    version = digest[:12]
+    out_dir = settings.role_dir(role)
+    workdir = out_dir / f".build-{version}"
+    return BuildPlan(
+        role=role,
+        version=version,
+        inputs_hash=digest,
+        qcow2=out_dir / f"{role}-{version}.qcow2",
+        manifest=out_dir / f"{role}-{version}.manifest.json",
+        argv=dib_argv(definition, workdir / "out" / role),
+        env=dib_environment(definition, settings, workdir, version),
+        baked=baked,
+        definition=definition,
+    )
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+
+def check_prerequisites(ctx: BuildContext) -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("building an image needs root (loop devices, chroot, mounts): run as root")
+    for tool in ("qemu-img", "debootstrap", "sudo", "sgdisk", "partx"):
+        require_tool(tool)
+    out_dir = ctx.plan.qcow2.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if free < MIN_FREE_BYTES:
+        raise BuildError(
+            f"not enough free space in {out_dir}: {free / 1024**3:.1f} GiB free, a build needs "
+            f"{MIN_FREE_BYTES / 1024**3:.0f} GiB"
+        )
+
+
+def prepare_workdir(ctx: BuildContext) -> None:
+    out_dir = ctx.plan.qcow2.parent
+    ctx.workdir = Path(tempfile.mkdtemp(prefix=f".build-{ctx.plan.version}-", dir=out_dir))
+    (ctx.workdir / "tmp").mkdir()
+    (ctx.workdir / "out").mkdir()
+    # The plan named a predictable workdir for --dry-run; the real one is unique per run.
+    env = dict(ctx.plan.env)
+    env["TMP_DIR"] = str(ctx.workdir / "tmp")
+    env["HOMELAB_BAKE_DIR"] = str(ctx.workdir / "stage")
+    argv = list(ctx.plan.argv)
+    argv[argv.index("-o") + 1] = str(ctx.workdir / "out" / ctx.plan.role)
+    ctx.plan = _replace(ctx.plan, env=env, argv=argv)
+
+
+def _replace(plan: BuildPlan, **changes: Any) -> BuildPlan:
+    from dataclasses import replace
+
+    return replace(plan, **changes)
+
+
+def stage_baked_files(ctx: BuildContext) -> None:
+    stage = ctx.workdir / "stage"
+    stage.mkdir(mode=0o755)
+    for dest, (src, mode) in baked_sources(ctx.plan.definition, ctx.settings.project).items():
+        target = stage / dest.lstrip("/")
+        _mkdirs(stage, target.parent)
+        shutil.copyfile(src, target)
+        os.chmod(target, int(mode, 8))
+    info = {"role": ctx.plan.role, "version": ctx.plan.version, "inputs_hash": ctx.plan.inputs_hash}
+    target = stage / IMAGE_INFO_DEST.lstrip("/")
+    _mkdirs(stage, target.parent)
+    target.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.chmod(target, 0o644)
+    ctx.stage = stage
+
+
+def _mkdirs(stage: Path, directory: Path) -> None:
+    # Every staged directory is 0755: the tree is copied over the image root, modes included.
+    missing = []
+    while directory != stage and not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)
+
+
+def run_diskimage_builder(ctx: BuildContext) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    # DIB's helpers (dib-run-parts, element-info) live beside our interpreter in a virtualenv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(ctx.plan.env)
+    Path(env["DIB_IMAGE_CACHE"]).mkdir(parents=True, exist_ok=True)
+    argv = list(ctx.plan.argv)
+    argv[0] = str(Path(sys.executable).parent / "disk-image-create") if _venv_has_dib() else require_tool(argv[0])
+
+    def on_line(line: str) -> None:
+        match = _PHASE_RE.search(line)
+        if match:
+            ctx.reporter.update(f"diskimage-builder {match.group(1)}")
+
+    log_file = ctx.plan.qcow2.parent / f"{ctx.plan.role}-{ctx.plan.version}.build.log"
+    try:
+        run_streaming(argv, log_file=log_file, on_line=on_line, env=env)
+    except CommandFailedError as exc:
+        if "No space left on device" in exc.stderr_tail or _log_mentions(log_file, "No space left on device"):
+            raise BuildError(f"disk full during the build (see {log_file})") from exc
+        raise
+
+
+def _venv_has_dib() -> bool:
+    return (Path(sys.executable).parent / "disk-image-create").exists()
+
+
+def _log_mentions(log_file: Path, text: str) -> bool:
+    try:
+        return text in log_file.read_text(errors="replace")[-20000:]
+    except OSError:
+        return False
+
+
+def read_package_list(ctx: BuildContext) -> None:
+    """Package names and versions as dpkg reported them inside the image (DIB's dpkg manifest)."""
+    role = ctx.plan.role
+    manifest = ctx.workdir / "out" / f"{role}.d" / "dib-manifests" / f"dib-manifest-dpkg-{role}"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"diskimage-builder wrote no readable package list at {manifest}: {exc}") from None
+    ctx.packages = {p["package"].split(":")[0]: p["version"] for p in data["packages"]}
+
+
+def publish(ctx: BuildContext) -> None:
+    plan = ctx.plan
+    produced = ctx.workdir / "out" / f"{plan.role}.qcow2"
+    if not produced.is_file():
+        raise BuildError(f"diskimage-builder finished but wrote no image at {produced}")
+    manifest = {
+        "role": plan.role,
+        "version": plan.version,
+        "inputs_hash": plan.inputs_hash,
+        "image": plan.qcow2.name,
+        "sha256": _sha256_file(produced),
+        "size": produced.stat().st_size,
+        "dib_version": _dib_version(),
+        "builder_version": __version__,
+        "base": plan.definition["base"],
+        "kernel": plan.definition["kernel"],
+        "vm": plan.definition["vm"],
+        "volumes": plan.definition["volumes"],
+        "ports": plan.definition["ports"],
+        "packages": dict(sorted(ctx.packages.items())),
+        "baked_files": dict(sorted(plan.baked.items())),
+    }
+    tmp_manifest = ctx.workdir / plan.manifest.name
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    # The image first, the manifest last: a manifest at its final path always names a complete image.
+    os.replace(produced, plan.qcow2)
+    os.replace(tmp_manifest, plan.manifest)
+
+
+BUILD_STEPS: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("Check prerequisites", check_prerequisites),
+    ("Prepare work directory", prepare_workdir),
+    ("Stage baked files", stage_baked_files),
+    ("Run diskimage-builder", run_diskimage_builder),
+    ("Read package list", read_package_list),
+    ("Publish image and manifest", publish),
+]
+
+
+def is_built(plan: BuildPlan) -> bool:
+    if not (plan.qcow2.is_file() and plan.manifest.is_file()):
+        return False
+    try:
+        return bool(json.loads(plan.manifest.read_text()).get("version") == plan.version)
+    except ValueError:
+        return False
+
+
+def execute_build(settings: Settings, plan: BuildPlan, reporter: Reporter | None = None, force: bool = False) -> BuildResult:
+    reporter = reporter or Silent()
+    if is_built(plan) and not force:
+        reporter.info(f"{plan.qcow2.name} is up to date (inputs unchanged); --force rebuilds it")
+        return BuildResult(plan.qcow2, plan.manifest, plan.version, skipped=True)
+    ctx = BuildContext(settings=settings, plan=plan, reporter=reporter)
+    try:
+        for name, step in BUILD_STEPS:
+            with reporter.step(name):
+                step(ctx)
+    finally:
+        if ctx.workdir != Path() and ctx.workdir.exists():
+            remove_workdir(ctx.workdir)
+    return BuildResult(plan.qcow2, plan.manifest, plan.version, skipped=False)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        points = [line.split()[1].replace("\\040", " ") for line in mounts]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Delete a build's work directory, never through a mount a killed DIB left behind (/dev, /proc)."""
+    for point in _mounts_under(workdir):
+        run(["umount", "-l", point], check=False)
+    leftover = _mounts_under(workdir)
+    if leftover:
+        raise BuildError(f"{workdir} still has mounts ({leftover[0]}...): unmount them, then delete it")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def latest_build(settings: Settings, role: str) -> dict[str, Any] | None:
+    """The newest complete build of a role (its manifest, with 'path' to the qcow2), or None."""
+    role_dir = settings.role_dir(role)
+    manifests = sorted(role_dir.glob(f"{role}-*.manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest_path in manifests:
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            continue
+        image = role_dir / manifest["image"]
+        if image.is_file():
+            manifest["path"] = str(image)
+            manifest["manifest_path"] = str(manifest_path)
+            return manifest
+    return None
