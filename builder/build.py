@@ -138,6 +138,9 @@ def dib_environment(definition: ImageDefinition, settings: Settings, workdir: Pa
         "DIB_CLOUD_INIT_DATASOURCES": "NoCloud, ConfigDrive, None",
         # net.ifnames=0: the NIC is eth0 under QEMU and on Proxmox alike, so one network-config fits.
         "DIB_BOOTLOADER_DEFAULT_CMDLINE": "nofb nomodeset gfxpayload=text net.ifnames=0",
+        "DIB_BOOTLOADER_SERIAL_CONSOLE": "ttyS0,115200",
+        # An immutable image has nothing to choose at the boot menu; every second counts at a swap.
+        "DIB_GRUB_TIMEOUT": "1",
         "DIB_IMAGE_CACHE": str(settings.cache_dir / "dib"),
         # DIB's scratch space; TMPDIR would leak into the chroot and break package scripts.
         "TMP_DIR": str(workdir / "tmp"),
@@ -218,6 +221,8 @@ def _replace(plan: BuildPlan, **changes: Any) -> BuildPlan:
 def stage_baked_files(ctx: BuildContext) -> None:
     stage = ctx.workdir / "stage"
     stage.mkdir(mode=0o755)
+    # The stage's root becomes the image's / (cp -a .../. /): mkdir's mode is cut by the umask.
+    os.chmod(stage, 0o755)
     for dest, (src, mode) in baked_sources(ctx.plan.definition, ctx.settings.project).items():
         target = stage / dest.lstrip("/")
         _mkdirs(stage, target.parent)

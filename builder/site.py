@@ -1,0 +1,258 @@
+"""The site file (site.yaml: domain, admin keys, addresses) and the secrets file (secrets.yaml).
+
+Both are checked by Field tables like image definitions, so an unknown key, a wrong type or a bad address is one
+error naming file:line and key. Neither file is in git; site.example.yaml shows the shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DefinitionError
+from .fields import Field, Kind, ListOf, MapOf, Record, Str, check_mapping, help_rows
+from .yamlload import KeyPath, Located, dotted, load_located
+
+LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DOMAIN = rf"{LABEL}(\.{LABEL})*"
+# A POSIX login name; root is refused because cloud-init's disable_root locks it to key-less.
+USER_NAME = r"(?!root$)[a-z_][a-z0-9_-]{0,31}"
+TIMEZONE = r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*"
+SECRET_NAME = r"[A-Z][A-Z0-9_]*"
+# Secrets sections: a role name or "common" (shared by every role).
+SECRET_SECTION = r"[a-z][a-z0-9-]*"
+# Key type -> how many SSH strings its key data holds (type + key; type + curve + point; type + e + n).
+SSH_KEY_FIELDS = {"ssh-ed25519": 2, "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3, "ecdsa-sha2-nistp521": 3,
+                  "ssh-rsa": 3}
+SSH_KEY_TYPES = tuple(SSH_KEY_FIELDS)
+
+
+def ssh_key_problem(text: str) -> str | None:
+    """Why `text` is not an OpenSSH public key line ('<type> <base64> [comment]'), or None if it is one."""
+    if any(c in text for c in "\r\n\0"):
+        # One key is one authorized_keys line: a newline would smuggle in a second key.
+        return "a key must be a single line"
+    parts = text.split()
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        return f"expected '<type> <base64> [comment]' with type one of {', '.join(SSH_KEY_TYPES)}"
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except binascii.Error:
+        return "the key data is not base64"
+    # The blob is a run of SSH strings (RFC 4253) starting with its own type: catches truncated or mixed pastes.
+    fields = _ssh_strings(blob)
+    if not fields or fields[0] != parts[0].encode() or len(fields) != SSH_KEY_FIELDS[parts[0]]:
+        return f"the key data is not a whole {parts[0]} key"
+    return None
+
+
+def _ssh_strings(blob: bytes) -> list[bytes] | None:
+    """Split length-prefixed strings; None if the data does not end exactly at a string's end."""
+    fields = []
+    while blob:
+        size = int.from_bytes(blob[:4], "big")
+        if len(blob) < 4 + size:
+            return None
+        fields.append(blob[4 : 4 + size])
+        blob = blob[4 + size :]
+    return fields
+
+
+class SshPublicKey(Kind):
+    describe = "an OpenSSH public key line"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        if not isinstance(value, str):
+            raise self.fail(value, keypath, doc)
+        problem = ssh_key_problem(value)
+        if problem:
+            raise DefinitionError(f"{doc.where(keypath)}: {dotted(keypath)}: {problem}")
+        return value
+
+
+class NonEmptyListOf(ListOf):
+    """A ListOf that must hold at least one item (a host nobody can log in to is useless)."""
+
+    def __init__(self, item: Kind) -> None:
+        super().__init__(item)
+        self.describe = f"a non-empty list of {item.describe}"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> list[Any]:
+        items = super().check(value, keypath, doc)
+        if not items:
+            raise self.fail(value, keypath, doc)
+        return items
+
+
+class IPv4(Kind):
+    describe = "an IPv4 address like 192.168.1.1"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        if not isinstance(value, str):
+            raise self.fail(value, keypath, doc)
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise self.fail(value, keypath, doc) from None
+
+
+class IPv4Interface(Kind):
+    """A host address with its prefix (192.168.1.10/24): the prefix is needed to route and to check the gateway."""
+
+    describe = "an IPv4 address with prefix like 192.168.1.10/24"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        if not isinstance(value, str) or "/" not in value:
+            raise self.fail(value, keypath, doc)
+        try:
+            iface = ipaddress.IPv4Interface(value)
+        except ValueError:
+            raise self.fail(value, keypath, doc) from None
+        net = iface.network
+        if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+            raise DefinitionError(f"{doc.where(keypath)}: {dotted(keypath)}: {value} is not a host address of {net}")
+        return str(iface)
+
+
+class Timezone(Str):
+    def __init__(self) -> None:
+        super().__init__(pattern=TIMEZONE, what="a tz database name like Europe/Paris")
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        name = super().check(value, keypath, doc)
+        # Only checked when this machine has tz data; cloud-init would otherwise just log a warning at boot.
+        known = zoneinfo.available_timezones()
+        if known and name not in known and name != "UTC":
+            raise DefinitionError(f"{doc.where(keypath)}: {dotted(keypath)}: unknown timezone {name!r}")
+        return name
+
+
+class SecretValue(Str):
+    """A secret: any string on one line, since each becomes one KEY=value line of secrets.env."""
+
+    def __init__(self) -> None:
+        super().__init__(what="a string")
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        text = super().check(value, keypath, doc)
+        if any(c in text for c in "\r\n\0"):
+            raise DefinitionError(
+                f"{doc.where(keypath)}: {dotted(keypath)}: a secret must be one line (it becomes a KEY=value line)"
+            )
+        return text
+
+
+HOST_FIELDS = [
+    Field("hostname", Str(pattern=LABEL, what="a lowercase host name (one DNS label)"), "Host name (no domain).",
+          required=True),
+    Field("address", IPv4Interface(), "Static address with prefix; booting never waits for DHCP.", required=True),
+]
+
+# One row per key of site.yaml; a new section (e.g. proxmox:) is one more row, reachable as site["proxmox"].
+SITE_FIELDS = [
+    Field("domain", Str(pattern=DOMAIN, what="a lowercase DNS domain like home.arpa"),
+          "DNS domain of the hosts (fqdn = hostname.domain).", required=True),
+    Field("timezone", Timezone(), "Time zone of the hosts.", default="UTC"),
+    Field("admin_user", Str(pattern=USER_NAME, what="a lowercase login name other than root"),
+          "The only login user (SSH key only, passwordless sudo).", default="homelab"),
+    Field("ssh_authorized_keys", NonEmptyListOf(SshPublicKey()), "Public keys allowed to log in as admin_user.",
+          required=True),
+    Field("gateway", IPv4(), "Default IPv4 gateway of the hosts.", required=True),
+    Field("dns", NonEmptyListOf(IPv4()), "IPv4 DNS servers of the hosts.", required=True),
+    Field("hosts", MapOf(Record(HOST_FIELDS, "a host mapping"), what="a mapping of role to host"),
+          "Host of each role: hosts.<role>.hostname and hosts.<role>.address.", required=True),
+]
+
+@dataclass(frozen=True)
+class SiteHost:
+    role: str
+    hostname: str
+    address: str  # CIDR interface, e.g. 192.168.1.101/24
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    domain: str
+    timezone: str
+    admin_user: str
+    ssh_authorized_keys: tuple[str, ...]
+    gateway: str
+    dns: tuple[str, ...]
+    hosts: Mapping[str, SiteHost]
+    # Every validated key, including ones added to SITE_FIELDS later.
+    values: Mapping[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def host(self, role: str) -> SiteHost:
+        if role not in self.hosts:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise DefinitionError(f"site file {self.path} has no hosts.{role} (hosts: {known})")
+        return self.hosts[role]
+
+    def fqdn(self, role: str) -> str:
+        return f"{self.host(role).hostname}.{self.domain}"
+
+
+def load_site(path: Path) -> Site:
+    doc = load_located(path)
+    if not isinstance(doc.data, dict):
+        raise DefinitionError(f"{path}: expected a mapping of site keys at the top level")
+    values = check_mapping(doc.data, SITE_FIELDS, (), doc)
+    _check_hosts(values, doc)
+    hosts = {role: SiteHost(role, h["hostname"], h["address"]) for role, h in values["hosts"].items()}
+    return Site(
+        path=path,
+        domain=values["domain"],
+        timezone=values["timezone"],
+        admin_user=values["admin_user"],
+        ssh_authorized_keys=tuple(values["ssh_authorized_keys"]),
+        gateway=values["gateway"],
+        dns=tuple(values["dns"]),
+        hosts=hosts,
+        values=values,
+    )
+
+
+def _check_hosts(values: dict[str, Any], doc: Located) -> None:
+    """Every host must reach the gateway directly, and no two hosts may share a name or an address."""
+    gateway = ipaddress.IPv4Address(values["gateway"])
+    seen: dict[str, str] = {}
+    for role, host in values["hosts"].items():
+        iface = ipaddress.IPv4Interface(host["address"])
+        where = doc.where(("hosts", role, "address"))
+        if gateway not in iface.network:
+            raise DefinitionError(f"{where}: hosts.{role}.address: gateway {gateway} is not in {iface.network}")
+        if iface.ip == gateway:
+            raise DefinitionError(f"{where}: hosts.{role}.address: {iface.ip} is the gateway's address")
+        for key, marker in (("hostname", host["hostname"]), ("address", str(iface.ip))):
+            if marker in seen:
+                raise DefinitionError(
+                    f"{doc.where(('hosts', role, key))}: hosts.{role}.{key}: {marker!r} is also {seen[marker]}"
+                )
+            seen[marker] = f"hosts.{role}.{key}"
+
+
+def load_secrets(path: Path | None) -> dict[str, dict[str, str]]:
+    """{section: {NAME: value}}; no path means no secrets. Values must be strings on one line (KEY=value lines)."""
+    if path is None:
+        return {}
+    doc = load_located(path)
+    if not isinstance(doc.data, dict):
+        raise DefinitionError(f"{path}: expected a mapping of <role or common> to secrets at the top level")
+    kind = MapOf(MapOf(SecretValue(), key_pattern=SECRET_NAME, what="a mapping of NAME to value"),
+                 key_pattern=SECRET_SECTION, what="a mapping of role or common to secrets")
+    secrets: dict[str, dict[str, str]] = kind.check(doc.data, (), doc)
+    return secrets
+
+
+def fields_help() -> list[tuple[str, str, str]]:
+    return help_rows(SITE_FIELDS)
