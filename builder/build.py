@@ -33,7 +33,7 @@ IMAGE_INFO_DEST = "/etc/homelab/image.json"
 # the raw image, the qcow2 conversion).
 MIN_FREE_BYTES = 6 * 1024**3
 # DIB prints this line as each phase (root, install, finalise...) starts: the progress shown.
-_PHASE_RE = re.compile(r"Running hooks from \S+/hooks/(\S+)\.d")
+_PHASE_RE = re.compile(r"Running (?:hooks from )?\S*?/(?:hooks|in_target\.d)/([a-z-]+)\.d(?:/(\S+))?")
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,8 @@ def run_diskimage_builder(ctx: BuildContext) -> None:
     def on_line(line: str) -> None:
         match = _PHASE_RE.search(line)
         if match:
-            ctx.reporter.update(f"diskimage-builder {match.group(1)}")
+            phase, script = match.groups()
+            ctx.reporter.update(f"{phase}" + (f" ({script})" if script else ""))
 
     log_file = ctx.plan.qcow2.parent / f"{ctx.plan.role}-{ctx.plan.version}.build.log"
     try:

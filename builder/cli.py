@@ -26,6 +26,12 @@ class State:
         self.reporter = Reporter()
 
 
+def _debugging() -> bool:
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_object(State) if ctx is not None else None
+    return bool(state and state.debug)
+
+
 def handle_errors(func: F) -> F:
     """Turn a HomelabError into one line on stderr and exit 1 (a traceback only with --debug)."""
 
@@ -34,11 +40,15 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except HomelabError as exc:
-            ctx = click.get_current_context(silent=True)
-            if ctx is not None and ctx.find_object(State) is not None and ctx.find_object(State).debug:  # type: ignore[union-attr]
+            if _debugging():
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except Exception as exc:  # a bug of ours: still one line, the traceback with --debug
+            if _debugging():
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -91,3 +101,107 @@ def fields() -> None:
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+# --- local VMs ---------------------------------------------------------------------------------------
+
+def _default_site(settings: Settings) -> Path:
+    import os
+
+    return Path(os.environ.get("HOMELAB_SITE") or settings.project / "site.yaml")
+
+
+def _default_secrets(settings: Settings) -> Path | None:
+    import os
+
+    explicit = os.environ.get("HOMELAB_SECRETS")
+    if explicit:
+        return Path(explicit)
+    path = settings.project / "secrets.yaml"
+    return path if path.exists() else None
+
+
+site_option = click.option("--site", "site", type=click.Path(dir_okay=False), default=None,
+                           help="Site file (default: $HOMELAB_SITE or site.yaml).")
+secrets_option = click.option("--secrets", "secrets", type=click.Path(dir_okay=False), default=None,
+                              help="Secrets file, kept out of git (default: $HOMELAB_SECRETS or secrets.yaml).")
+accel_option = click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None,
+                            help="Force an accelerator (default: KVM when guests really run under it).")
+
+
+@main.command("render")
+@click.argument("role")
+@site_option
+@secrets_option
+@click.option("--iso", type=click.Path(dir_okay=False), default=None, help="Also write the NoCloud seed ISO here.")
+@click.pass_obj
+@handle_errors
+def render(state: State, role: str, site: str | None, secrets: str | None, iso: str | None) -> None:
+    """Print the cloud-init user-data, meta-data and network-config of ROLE (validated)."""
+    from .cloudinit import render_seed, write_seed_iso
+    from .site import load_secrets, load_site
+
+    site_file = load_site(_path(site) or _default_site(state.settings))
+    seed = render_seed(state.settings.project, role, site_file,
+                       load_secrets(_path(secrets) or _default_secrets(state.settings)))
+    for name, text in (("user-data", seed.user_data), ("meta-data", seed.meta_data),
+                       ("network-config", seed.network_config)):
+        click.echo(f"# --- {name}\n{text.rstrip()}")
+    if iso:
+        write_seed_iso(seed, Path(iso))
+
+
+@main.command("boot")
+@click.argument("role")
+@site_option
+@secrets_option
+@accel_option
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="A qcow2 (default: the latest build).")
+@click.option("--memory", "memory_mb", type=int, default=None, help="MiB (default: the definition's, at most 4096).")
+@click.pass_obj
+@handle_errors
+def boot_cmd(state: State, role: str, site: str | None, secrets: str | None, accel: str | None,
+             image: str | None, memory_mb: int | None) -> None:
+    """Boot ROLE's image locally under QEMU and print how to ssh in."""
+    from . import localvm
+
+    vm = localvm.boot(state.settings, role, localvm.BootOptions(
+        site_path=_path(site) or _default_site(state.settings),
+        secrets_path=_path(secrets) or _default_secrets(state.settings),
+        image=_path(image), accel=accel, memory_mb=memory_mb), state.reporter)
+    click.echo(f"{role} {vm.version} is up under {vm.accel.upper()} (serial log: {vm.serial_log})")
+    click.echo(f"ssh in:    ssh -F {vm.ssh_config} {vm.ssh_alias}")
+    click.echo(f"power off: homelab down {role}")
+
+
+@main.command("down")
+@click.argument("role")
+@click.option("--timeout", type=float, default=60, show_default=True, help="Seconds to wait for ACPI shutdown.")
+@click.pass_obj
+@handle_errors
+def down_cmd(state: State, role: str, timeout: float) -> None:
+    """Power down ROLE's local VM (ACPI, then quit after the timeout)."""
+    from . import localvm
+
+    click.echo(f"{role}: powered down" if localvm.stop(state.settings, role, timeout) else f"{role}: not running")
+
+
+@main.command("verify")
+@click.argument("role")
+@site_option
+@secrets_option
+@accel_option
+@click.option("--host", default=None, help="Verify ssh://user@host instead of the local VM.")
+@click.option("--keep", is_flag=True, help="Leave a VM booted for the check running afterwards.")
+@click.pass_obj
+@handle_errors
+def verify_cmd(state: State, role: str, site: str | None, secrets: str | None, accel: str | None,
+               host: str | None, keep: bool) -> None:
+    """Run ROLE's testinfra suite against its local VM (booted if needed) or --host."""
+    from .verify import VerifyOptions, verify
+
+    junit = verify(state.settings, role, VerifyOptions(
+        site_path=_path(site) or _default_site(state.settings),
+        secrets_path=_path(secrets) or _default_secrets(state.settings),
+        host=host, keep=keep, accel=accel), state.reporter)
+    click.echo(f"{role}: verified (report: {junit})")

@@ -1,0 +1,36 @@
+# Daily verbs, each a thin call of `homelab` (or of the test runner). `make setup` first.
+VENV ?= .venv
+HOMELAB := $(VENV)/bin/homelab
+PYTEST := $(VENV)/bin/pytest
+ROLES := intranet extranet
+
+.PHONY: setup test test-unit lint $(addprefix image-,$(ROLES)) $(addprefix boot-,$(ROLES)) \
+        $(addprefix verify-,$(ROLES)) $(addprefix down-,$(ROLES)) $(addprefix render-,$(ROLES))
+
+setup:
+	./setup.sh
+
+test:
+	$(PYTEST) tests
+
+test-unit:
+	$(PYTEST) -m "not vm" tests
+
+lint:
+	$(VENV)/bin/ruff check builder tests bench
+	$(VENV)/bin/mypy
+
+$(addprefix image-,$(ROLES)): image-%:
+	$(HOMELAB) build image $*
+
+$(addprefix boot-,$(ROLES)): boot-%:
+	$(HOMELAB) boot $*
+
+$(addprefix verify-,$(ROLES)): verify-%:
+	$(HOMELAB) verify $*
+
+$(addprefix down-,$(ROLES)): down-%:
+	$(HOMELAB) down $*
+
+$(addprefix render-,$(ROLES)): render-%:
+	$(HOMELAB) render $*

@@ -1,0 +1,385 @@
+"""`homelab boot|down`: run a built image locally under QEMU with a NoCloud seed, controlled through QMP.
+
+The built image is never written to: the VM runs on a qcow2 overlay in build/<role>/run/. KVM is used
+when a guest really boots under it; where /dev/kvm exists but guests hang (nested setups), the first
+boot finds out by trying, falls back to TCG and remembers that for this host kernel and QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import qmp
+from .build import latest_build
+from .cloudinit import HostNetwork, render_seed, write_seed_iso
+from .errors import BootError, HomelabError
+from .progress import Reporter, Silent
+from .runner import require_tool, run, start
+from .settings import Settings
+from .site import Site, load_secrets, load_site
+
+# QEMU user networking: the guest's fixed address, gateway and DNS, given to it as static config.
+QEMU_USER_NETWORK = HostNetwork(address="10.0.2.15/24", gateway="10.0.2.2", dns=["10.0.2.3"])
+# Under KVM the kernel prints within seconds; no output by then means KVM guests hang on this host.
+KVM_PROBE_SECONDS = 25
+KERNEL_MARKERS = ("Linux version", "Booting Linux", "systemd[1]")
+SERIAL_TAIL_LINES = 15
+
+
+@dataclass
+class VMState:
+    role: str
+    pid: int
+    accel: str
+    image: str
+    version: str
+    ssh_port: int
+    user: str
+    hostname: str
+    address: str
+    run_dir: str
+
+    @property
+    def ssh_config(self) -> Path:
+        return Path(self.run_dir) / "ssh_config"
+
+    @property
+    def ssh_alias(self) -> str:
+        return f"homelab-{self.role}"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return Path(self.run_dir) / "qmp.sock"
+
+    @property
+    def qga_socket(self) -> Path:
+        return Path(self.run_dir) / "qga.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return Path(self.run_dir) / "serial.log"
+
+
+def run_dir(settings: Settings, role: str) -> Path:
+    return settings.role_dir(role) / "run"
+
+
+def _state_file(settings: Settings, role: str) -> Path:
+    return run_dir(settings, role) / "state.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return "qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def running_vm(settings: Settings, role: str) -> VMState | None:
+    """The local VM of a role if its QEMU is still running."""
+    try:
+        state = VMState(**json.loads(_state_file(settings, role).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if _alive(state.pid) else None
+
+
+def serial_tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> str:
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return "(no serial output)"
+    import re
+
+    clean = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    kept = [line.strip() for line in clean.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) or "(no serial output)"
+
+
+# --- accelerator ---------------------------------------------------------------------------------
+
+
+def _accel_cache(settings: Settings) -> Path:
+    return settings.cache_dir / "accel.json"
+
+
+def _host_key() -> str:
+    return f"{platform.release()}"
+
+
+def choose_accel(settings: Settings, forced: str | None) -> str:
+    """kvm, unless forced, /dev/kvm is unusable, or a previous boot on this host found KVM guests hang."""
+    if forced:
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    try:
+        known = json.loads(_accel_cache(settings).read_text())
+    except (OSError, ValueError):
+        known = {}
+    return "tcg" if known.get(_host_key()) == "kvm-hangs" else "kvm"
+
+
+def remember_kvm_hangs(settings: Settings) -> None:
+    path = _accel_cache(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[_host_key()] = "kvm-hangs"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --- boot ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ensure_ssh_key(settings: Settings) -> Path:
+    """The key the tool logs into local VMs with (build/ssh/id_ed25519), made once."""
+    key = settings.build_dir / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "homelab-local", "-f", str(key)])
+    return key
+
+
+def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: int) -> list[str]:
+    return [
+        "qemu-system-x86_64",
+        "-name", f"homelab-{rundir.parent.name}",
+        "-machine", "pc",
+        "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-m", str(memory_mb),
+        "-smp", str(cores),
+        "-nodefaults",
+        "-display", "none",
+        "-serial", f"file:{rundir / 'serial.log'}",
+        "-drive", f"file={rundir / 'overlay.qcow2'},if=virtio,format=qcow2,discard=unmap",
+        "-drive", f"file={rundir / 'seed.iso'},media=cdrom,if=ide,readonly=on",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+        # The guest agent's port: the same name Proxmox gives it.
+        "-chardev", f"socket,id=qga0,path={rundir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+        "-pidfile", str(rundir / "qemu.pid"),
+    ]
+
+
+def _write_ssh_config(state: VMState, key: Path) -> None:
+    state.ssh_config.write_text(
+        f"Host {state.ssh_alias}\n"
+        f"  HostName 127.0.0.1\n  Port {state.ssh_port}\n  User {state.user}\n"
+        f"  IdentityFile {key}\n  IdentitiesOnly yes\n"
+        # A new VM has new host keys on the same forwarded port: nothing to pin locally.
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        "  ConnectTimeout 5\n  BatchMode yes\n"
+    )
+
+
+def ssh_argv(state: VMState, command: str) -> list[str]:
+    return ["ssh", "-F", str(state.ssh_config), state.ssh_alias, command]
+
+
+@dataclass
+class BootOptions:
+    site_path: Path
+    secrets_path: Path | None = None
+    image: Path | None = None
+    accel: str | None = None
+    memory_mb: int | None = None
+    cores: int | None = None
+    boot_timeout: float = 600
+    wait_cloud_init: bool = True
+
+
+def _image_and_manifest(settings: Settings, role: str, image: Path | None) -> tuple[Path, dict[str, Any]]:
+    if image is None:
+        latest = latest_build(settings, role)
+        if latest is None:
+            raise HomelabError(f"no image of {role} built yet: run `homelab build image {role}` first")
+        return Path(latest["path"]), latest
+    manifest_path = image.with_name(image.name.removesuffix(".qcow2") + ".manifest.json")
+    if not image.is_file():
+        raise HomelabError(f"image {image} does not exist")
+    try:
+        return image, json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        raise HomelabError(f"image {image} has no readable manifest at {manifest_path}") from None
+
+
+def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter | None = None) -> VMState:
+    reporter = reporter or Silent()
+    if running_vm(settings, role) is not None:
+        raise HomelabError(f"a local {role} VM is already running: `homelab down {role}` first")
+    image, manifest = _image_and_manifest(settings, role, options.image)
+    site = load_site(options.site_path)
+    secrets = load_secrets(options.secrets_path)
+    rundir = run_dir(settings, role)
+    with reporter.step("Prepare seed and overlay"):
+        key = ensure_ssh_key(settings)
+        _prepare_run_dir(settings, role, rundir, image, site, secrets, key)
+    memory = options.memory_mb or min(manifest["vm"]["memory_mb"], 4096)
+    cores = options.cores or min(manifest["vm"]["cores"], os.cpu_count() or 1)
+    accel = choose_accel(settings, options.accel)
+    state = VMState(
+        role=role, pid=0, accel=accel, image=str(image), version=manifest["version"], ssh_port=_free_port(),
+        user=site.admin_user, hostname=site.host(role).hostname, address=QEMU_USER_NETWORK.address,
+        run_dir=str(rundir),
+    )
+    _write_ssh_config(state, key)
+    with reporter.step(f"Start QEMU ({accel})"):
+        state = _start_qemu(settings, state, memory, cores, options.accel is None, reporter)
+    reporter.info(f"accelerator: {state.accel}" + (" (KVM guests hang on this host)" if state.accel == "tcg" else ""))
+    try:
+        with reporter.step("Wait for ssh"):
+            _wait_for_ssh(state, options.boot_timeout, reporter)
+        if options.wait_cloud_init:
+            with reporter.step("Wait for cloud-init"):
+                _wait_for_cloud_init(state, options.boot_timeout)
+    except HomelabError:
+        stop(settings, role)
+        raise
+    return state
+
+
+def _prepare_run_dir(
+    settings: Settings, role: str, rundir: Path, image: Path, site: Site, secrets: dict[str, dict[str, str]], key: Path
+) -> None:
+    seed = render_seed(
+        settings.project, role, site, secrets,
+        network=QEMU_USER_NETWORK, extra_ssh_keys=[Path(f"{key}.pub").read_text().strip()],
+    )
+    rundir.mkdir(parents=True, exist_ok=True)
+    for stale in ("overlay.qcow2", "serial.log", "qmp.sock", "qga.sock", "qemu.pid", "state.json"):
+        (rundir / stale).unlink(missing_ok=True)
+    write_seed_iso(seed, rundir / "seed.iso")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.resolve()), "-F", "qcow2",
+         str(rundir / "overlay.qcow2")])
+
+
+def _launch(state: VMState, memory: int, cores: int) -> VMState:
+    require_tool("qemu-system-x86_64")
+    rundir = Path(state.run_dir)
+    for stale in ("serial.log", "qmp.sock", "qga.sock"):
+        (rundir / stale).unlink(missing_ok=True)
+    with (rundir / "qemu.log").open("w") as qemu_log:
+        proc = start(qemu_argv(rundir, state.accel, memory, cores, state.ssh_port), stdout=qemu_log)
+    state.pid = proc.pid
+    try:
+        qmp.wait_for_monitor(state.qmp_socket, 30, lambda: proc.poll() is None)
+    except BootError:
+        log_text = (rundir / "qemu.log").read_text(errors="replace").strip().splitlines()[-3:]
+        raise BootError(f"QEMU did not start: {' | '.join(log_text) or 'no output'}") from None
+    _state_path(state).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    return state
+
+
+def _state_path(state: VMState) -> Path:
+    return Path(state.run_dir) / "state.json"
+
+
+def _start_qemu(settings: Settings, state: VMState, memory: int, cores: int, may_fall_back: bool,
+                reporter: Reporter) -> VMState:
+    state = _launch(state, memory, cores)
+    if state.accel != "kvm" or not may_fall_back:
+        return state
+    reporter.update("checking that the guest kernel runs under KVM")
+    deadline = time.monotonic() + KVM_PROBE_SECONDS
+    while time.monotonic() < deadline:
+        text = state.serial_log.read_bytes().decode(errors="replace") if state.serial_log.exists() else ""
+        if any(marker in text for marker in KERNEL_MARKERS):
+            return state
+        time.sleep(0.5)
+    # /dev/kvm answered but the guest printed nothing: KVM guests hang here. Try TCG and remember.
+    _kill(state.pid)
+    remember_kvm_hangs(settings)
+    state.accel = "tcg"
+    return _launch(state, memory, cores)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(50):
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+
+
+def _wait_for_ssh(state: VMState, timeout: float, reporter: Reporter) -> None:
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if not _alive(state.pid):
+            raise BootError(f"QEMU exited while booting; serial log: {serial_tail(state.serial_log)}")
+        result = run(ssh_argv(state, "true"), check=False, timeout=20)
+        if result.returncode == 0:
+            return
+        reporter.update(f"no ssh yet ({time.monotonic() - started:.0f} s)")
+        time.sleep(2)
+    raise BootError(f"no ssh after {timeout:.0f} s; serial log: {serial_tail(state.serial_log)}")
+
+
+def _wait_for_cloud_init(state: VMState, timeout: float) -> None:
+    # Exit 0: done; 2: done with recoverable errors (verify reports those); 1: failed.
+    result = run(ssh_argv(state, "cloud-init status --wait"), check=False, timeout=timeout)
+    if result.returncode == 1:
+        detail = run(ssh_argv(state, "cloud-init status --long"), check=False, timeout=30).stdout
+        raise BootError(f"cloud-init failed in the {state.role} VM: {' | '.join(detail.strip().splitlines()[-4:])}")
+
+
+# --- stop ------------------------------------------------------------------------------------------
+
+
+def stop(settings: Settings, role: str, timeout: float = 60) -> bool:
+    """ACPI power-down through QMP, waiting up to timeout; then quit. False when no VM was running."""
+    state = running_vm(settings, role)
+    if state is None:
+        return False
+    if not qmp.powerdown(state.qmp_socket, timeout):
+        _quit(state)
+    for _ in range(int(timeout * 10)):
+        if not _alive(state.pid):
+            break
+        time.sleep(0.1)
+    else:
+        _quit(state)
+        _kill(state.pid)
+    _state_path(state).unlink(missing_ok=True)
+    return True
+
+
+def _quit(state: VMState) -> None:
+    try:
+        qmp.execute(state.qmp_socket, "quit", timeout=5)
+    except BootError:
+        _kill(state.pid)

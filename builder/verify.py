@@ -1,0 +1,111 @@
+"""`homelab verify <role>`: the role's testinfra suite against the local VM or a given host.
+
+Against the local VM it boots the latest build when none runs and powers it down afterwards. The
+suite reads what to expect (role, hostname, address, baked files) from a JSON context file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import localvm
+from .build import latest_build
+from .errors import HomelabError, VerifyError
+from .progress import Reporter, Silent
+from .runner import run_streaming
+from .settings import Settings
+from .site import load_site
+
+SUITES = Path(__file__).resolve().parent.parent / "tests" / "infra"
+
+
+@dataclass
+class VerifyOptions:
+    site_path: Path
+    secrets_path: Path | None = None
+    host: str | None = None  # ssh://user@host[:port]; None = the local VM
+    keep: bool = False  # leave a VM we booted running afterwards
+    accel: str | None = None
+
+
+def suite_files(role: str) -> list[Path]:
+    files = [SUITES / "test_base.py"]
+    role_suite = SUITES / f"test_{role}.py"
+    if role_suite.exists():
+        files.append(role_suite)
+    return files
+
+
+def verify(settings: Settings, role: str, options: VerifyOptions, reporter: Reporter | None = None) -> Path:
+    """Run the suite; returns the junit report path, raises VerifyError on failures."""
+    reporter = reporter or Silent()
+    if options.host:
+        return _run_suite(settings, role, _remote_context(settings, role, options), options.host, None, reporter)
+    state = localvm.running_vm(settings, role)
+    booted_here = state is None
+    if state is None:
+        state = localvm.boot(settings, role, localvm.BootOptions(
+            site_path=options.site_path, secrets_path=options.secrets_path, accel=options.accel), reporter)
+    try:
+        context = _local_context(settings, state)
+        return _run_suite(settings, role, context, f"paramiko://{state.ssh_alias}", state.ssh_config, reporter)
+    finally:
+        if booted_here and not options.keep:
+            with reporter.step("Power down the VM"):
+                localvm.stop(settings, role)
+
+
+def _local_context(settings: Settings, state: localvm.VMState) -> dict[str, Any]:
+    manifest_path = Path(state.image).with_name(Path(state.image).name.removesuffix(".qcow2") + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    return {
+        "role": state.role, "hostname": state.hostname, "address": state.address, "user": state.user,
+        "manifest": manifest, "qga_socket": str(state.qga_socket),
+    }
+
+
+def _remote_context(settings: Settings, role: str, options: VerifyOptions) -> dict[str, Any]:
+    site = load_site(options.site_path)
+    host = site.host(role)
+    manifest = latest_build(settings, role)
+    if manifest is None:
+        raise HomelabError(f"no build of {role} to compare the host with: build it first")
+    return {
+        "role": role, "hostname": host.hostname, "address": host.address, "user": site.admin_user,
+        "manifest": manifest, "qga_socket": None,
+    }
+
+
+def _run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None,
+               reporter: Reporter) -> Path:
+    out_dir = settings.role_dir(role) / "verify"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir, delete=False) as handle:
+        json.dump(context, handle)
+        context_file = Path(handle.name)
+    junit = out_dir / "junit.xml"
+    argv = [sys.executable, "-m", "pytest", *map(str, suite_files(role)), f"--hosts={hosts}",
+            "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", "--rootdir", str(SUITES)]
+    if ssh_config is not None:
+        argv.append(f"--ssh-config={ssh_config}")
+    env = {**_environ(), "HOMELAB_VERIFY_CONTEXT": str(context_file)}
+    try:
+        with reporter.step(f"Verify {role} (testinfra)"):
+            run_streaming(argv, log_file=out_dir / "verify.log", on_line=reporter.info, env=env,
+                          cwd=settings.project)
+    except HomelabError as exc:
+        raise VerifyError(f"verification of {role} failed (see {out_dir / 'verify.log'})") from exc
+    finally:
+        context_file.unlink(missing_ok=True)
+    return junit
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
