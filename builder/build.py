@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from .settings import Settings
 ELEMENTS_DIR = Path(__file__).resolve().parent / "elements"
 COMPOSE_DEST = "/opt/homelab/compose"
 IMAGE_INFO_DEST = "/etc/homelab/image.json"
+# What this image baked, so that a build from a cached layer can drop what an older build baked.
+BAKED_LIST_DEST = "/etc/homelab/baked.list"
 # Free space a build needs where DIB works and where the image lands (root fs in tmpfs/TMP_DIR,
 # the raw image, the qcow2 conversion).
 MIN_FREE_BYTES = 6 * 1024**3
@@ -47,11 +50,15 @@ class BuildPlan:
     env: dict[str, str]
     baked: dict[str, str]  # destination path in the image -> sha256 of its content
     definition: ImageDefinition = field(repr=False, compare=False)
+    # "full": debootstrap + packages, leaving a package layer in the cache; "incremental": from that layer.
+    mode: str = "full"
+    layer: Path = Path()
 
     def describe(self) -> str:
         lines = [
             f"role:     {self.role}",
             f"version:  {self.version}",
+            f"mode:     {self.mode} (package layer: {self.layer})",
             f"output:   {self.qcow2}",
             f"manifest: {self.manifest}",
             "environment:",
@@ -129,7 +136,9 @@ def inputs_hash(definition: ImageDefinition, settings: Settings, baked: dict[str
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def dib_environment(definition: ImageDefinition, settings: Settings, workdir: Path, version: str) -> dict[str, str]:
+def dib_environment(
+    definition: ImageDefinition, settings: Settings, workdir: Path, version: str, layer: Path | None = None
+) -> dict[str, str]:
     dib = definition.dib_args()
     env = {
         "ELEMENTS_PATH": str(ELEMENTS_DIR),
@@ -148,20 +157,66 @@ def dib_environment(definition: ImageDefinition, settings: Settings, workdir: Pa
         "HOMELAB_IMAGE_VERSION": version,
     }
     env.update(dib.env)
+    if layer is not None:
+        env["HOMELAB_LAYER_TAR"] = str(layer)
     return env
 
 
-def dib_argv(definition: ImageDefinition, output_base: Path) -> list[str]:
+# Elements of an incremental build: the layer replaces debian-minimal and every package install.
+INCREMENTAL_ELEMENTS = ["homelab-layer", "vm", "homelab-base", "homelab-bake"]
+# A layer older than this is rebuilt, so that security updates reach the images at least daily.
+LAYER_MAX_AGE_SECONDS = 24 * 3600
+
+
+def layer_key(definition: ImageDefinition, settings: Settings) -> str:
+    """What the package layer depends on: packages, elements, kernel, units, mirrors, DIB, homelab-base."""
     dib = definition.dib_args()
-    argv = ["disk-image-create", "-a", "amd64", "-t", "qcow2", "-u", "--image-size", str(dib.image_size_gb)]
+    inputs = {
+        "packages": dib.packages,
+        "elements": [e for e in dib.elements if e != "homelab-bake"],
+        "env": {k: v for k, v in dib.env.items()},
+        "homelab-base": _tree_hashes(ELEMENTS_DIR / "homelab-base"),
+        "dib": _dib_version(),
+        "mirrors": [settings.mirror, settings.security_mirror],
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def layer_path(settings: Settings, role: str, key: str) -> Path:
+    return settings.cache_dir / "layers" / f"{role}-{key}.tar"
+
+
+def layer_is_fresh(layer: Path, now: float | None = None) -> bool:
+    try:
+        age = (now if now is not None else time.time()) - layer.stat().st_mtime
+    except OSError:
+        return False
+    return age < LAYER_MAX_AGE_SECONDS
+
+
+def dib_argv(definition: ImageDefinition, output_base: Path, mode: str = "full") -> list[str]:
+    dib = definition.dib_args()
+    # A full build also writes the root as a tarball: the package layer later builds start from.
+    types = "qcow2,tar" if mode == "full" else "qcow2"
+    argv = ["disk-image-create", "-a", "amd64", "-t", types, "-u", "--image-size", str(dib.image_size_gb)]
     argv += ["-o", str(output_base)]
+    if mode == "incremental":
+        return argv + INCREMENTAL_ELEMENTS + [e for e in dib.elements if e not in BASE_AND_OS_ELEMENTS]
     if dib.packages:
         argv += ["-p", ",".join(dib.packages)]
     return argv + dib.elements
 
 
-def plan_build(settings: Settings, role: str) -> BuildPlan:
+# Elements whose work is already in a package layer (the OS and DIB's own VM elements).
+BASE_AND_OS_ELEMENTS = {"debian-minimal", "vm", "cloud-init", "cloud-init-datasources", "openssh-server",
+                        "homelab-base", "homelab-bake"}
+
+
+def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPlan:
+    """What a build will do. Incremental when a fresh package layer for this package set is cached."""
     definition = load_role(settings.project, role)
+    layer = layer_path(settings, role, layer_key(definition, settings))
+    mode = "incremental" if not refresh and layer_is_fresh(layer) else "full"
     baked = {dest: _sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
     digest = inputs_hash(definition, settings, baked)
     version = digest[:12]
@@ -173,10 +228,12 @@ def plan_build(settings: Settings, role: str) -> BuildPlan:
         inputs_hash=digest,
         qcow2=out_dir / f"{role}-{version}.qcow2",
         manifest=out_dir / f"{role}-{version}.manifest.json",
-        argv=dib_argv(definition, workdir / "out" / role),
-        env=dib_environment(definition, settings, workdir, version),
+        argv=dib_argv(definition, workdir / "out" / role, mode),
+        env=dib_environment(definition, settings, workdir, version, layer if mode == "incremental" else None),
         baked=baked,
         definition=definition,
+        mode=mode,
+        layer=layer,
     )
 
 
@@ -228,6 +285,10 @@ def stage_baked_files(ctx: BuildContext) -> None:
         _mkdirs(stage, target.parent)
         shutil.copyfile(src, target)
         os.chmod(target, int(mode, 8))
+    listing = stage / BAKED_LIST_DEST.lstrip("/")
+    _mkdirs(stage, listing.parent)
+    listing.write_text("".join(f"{dest}\n" for dest in sorted(ctx.plan.baked)))
+    os.chmod(listing, 0o644)
     info = {"role": ctx.plan.role, "version": ctx.plan.version, "inputs_hash": ctx.plan.inputs_hash}
     target = stage / IMAGE_INFO_DEST.lstrip("/")
     _mkdirs(stage, target.parent)
@@ -312,6 +373,8 @@ def publish(ctx: BuildContext) -> None:
         "vm": plan.definition["vm"],
         "volumes": plan.definition["volumes"],
         "ports": plan.definition["ports"],
+        "build_mode": plan.mode,
+        "package_layer": plan.layer.name,
         "packages": dict(sorted(ctx.packages.items())),
         "baked_files": dict(sorted(plan.baked.items())),
     }
@@ -322,6 +385,23 @@ def publish(ctx: BuildContext) -> None:
     os.replace(tmp_manifest, plan.manifest)
 
 
+def keep_package_layer(ctx: BuildContext) -> None:
+    """After a full build: its root tarball becomes the role's package layer (older layers go)."""
+    if ctx.plan.mode != "full":
+        return
+    produced = ctx.workdir / "out" / f"{ctx.plan.role}.tar"
+    if not produced.is_file():
+        raise BuildError(f"diskimage-builder wrote no root tarball at {produced}")
+    layer = ctx.plan.layer
+    layer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layer.with_suffix(".tmp")
+    shutil.move(produced, tmp)
+    os.replace(tmp, layer)
+    for old in layer.parent.glob(f"{ctx.plan.role}-*.tar"):
+        if old != layer:
+            old.unlink(missing_ok=True)
+
+
 BUILD_STEPS: list[tuple[str, Callable[[BuildContext], None]]] = [
     ("Check prerequisites", check_prerequisites),
     ("Prepare work directory", prepare_workdir),
@@ -329,6 +409,7 @@ BUILD_STEPS: list[tuple[str, Callable[[BuildContext], None]]] = [
     ("Run diskimage-builder", run_diskimage_builder),
     ("Read package list", read_package_list),
     ("Publish image and manifest", publish),
+    ("Keep the package layer", keep_package_layer),
 ]
 
 

@@ -78,15 +78,20 @@ def build() -> None:
 @click.argument("role")
 @click.option("--dry-run", is_flag=True, help="Print the disk-image-create command and environment, build nothing.")
 @click.option("--force", is_flag=True, help="Rebuild even when an image of this version exists.")
+@click.option("--refresh", is_flag=True, help="Full build: new package layer (latest packages), then rebuild.")
 @click.pass_obj
 @handle_errors
-def build_image(state: State, role: str, dry_run: bool, force: bool) -> None:
-    """Build build/<ROLE>/<ROLE>-<version>.qcow2 and its manifest."""
-    plan = build_lib.plan_build(state.settings, role)
+def build_image(state: State, role: str, dry_run: bool, force: bool, refresh: bool) -> None:
+    """Build build/<ROLE>/<ROLE>-<version>.qcow2 and its manifest.
+
+    A full build (debootstrap + packages) leaves a package layer in the cache; later builds of the
+    same package set start from it for a day (only baked files, bootloader and image are redone).
+    """
+    plan = build_lib.plan_build(state.settings, role, refresh=refresh)
     if dry_run:
         click.echo(plan.describe())
         return
-    result = build_lib.execute_build(state.settings, plan, state.reporter, force=force)
+    result = build_lib.execute_build(state.settings, plan, state.reporter, force=force or refresh)
     click.echo(f"{result.qcow2}\n{result.manifest}")
 
 

@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 
+PLAIN_HEARTBEAT_SECONDS = 30
+
+
 class Reporter:
     """Shows which named step runs, for how long, and the latest detail (e.g. the DIB phase)."""
 
@@ -22,6 +25,8 @@ class Reporter:
         self._step = ""
         self._detail = ""
         self._started = 0.0
+        self._plain_phase = ""
+        self._plain_at = 0.0
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -47,7 +52,12 @@ class Reporter:
         self._detail = detail
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=f"{self._step}: {detail}")
-        else:
+            return
+        # Plain lines go to logs: one per phase (first word of the detail), or a heartbeat every 30 s.
+        phase = detail.split(" ", 1)[0]
+        now = time.monotonic()
+        if phase != self._plain_phase or now - self._plain_at >= PLAIN_HEARTBEAT_SECONDS:
+            self._plain_phase, self._plain_at = phase, now
             self._plain(f"{self._step}: {detail}")
 
     def info(self, message: str) -> None:

@@ -75,7 +75,8 @@ def test_argv_starts_with_disk_image_create(plan: BuildPlan) -> None:
 
 
 def test_argv_asks_for_an_amd64_qcow2_of_the_definitions_size(plan: BuildPlan) -> None:
-    assert _option(plan.argv, "-t") == "qcow2"
+    # A full build also leaves its root as a tarball: the package layer of later builds.
+    assert _option(plan.argv, "-t") == "qcow2,tar"
     assert _option(plan.argv, "-a") == "amd64"
     assert _option(plan.argv, "--image-size") == "5"
 
@@ -267,7 +268,9 @@ def test_stage_writes_image_info_with_role_and_version(ctx: BuildContext) -> Non
 def test_stage_holds_exactly_the_planned_files_and_image_info(ctx: BuildContext) -> None:
     stage_baked_files(ctx)
     staged = {"/" + str(p.relative_to(ctx.stage)) for p in ctx.stage.rglob("*") if p.is_file()}
-    assert staged == {*ctx.plan.baked, "/etc/homelab/image.json"}
+    assert staged == {*ctx.plan.baked, "/etc/homelab/image.json", "/etc/homelab/baked.list"}
+    baked_list = (ctx.stage / "etc" / "homelab" / "baked.list").read_text().splitlines()
+    assert baked_list == sorted(ctx.plan.baked)
 
 
 @pytest.fixture
