@@ -397,8 +397,10 @@ def keep_package_layer(ctx: BuildContext) -> None:
     tmp = layer.with_suffix(".tmp")
     shutil.move(produced, tmp)
     os.replace(tmp, layer)
+    own_layer = re.compile(rf"{re.escape(ctx.plan.role)}-[0-9a-f]{{16}}\.tar")
     for old in layer.parent.glob(f"{ctx.plan.role}-*.tar"):
-        if old != layer:
+        # Only this role's layers: role "web" must not take "web-proxy"'s.
+        if old != layer and own_layer.fullmatch(old.name):
             old.unlink(missing_ok=True)
 
 
@@ -408,8 +410,9 @@ BUILD_STEPS: list[tuple[str, Callable[[BuildContext], None]]] = [
     ("Stage baked files", stage_baked_files),
     ("Run diskimage-builder", run_diskimage_builder),
     ("Read package list", read_package_list),
-    ("Publish image and manifest", publish),
+    # The layer before the image: a build that published always left its layer for the next one.
     ("Keep the package layer", keep_package_layer),
+    ("Publish image and manifest", publish),
 ]
 
 
@@ -422,7 +425,9 @@ def is_built(plan: BuildPlan) -> bool:
         return False
 
 
-def execute_build(settings: Settings, plan: BuildPlan, reporter: Reporter | None = None, force: bool = False) -> BuildResult:
+def execute_build(
+    settings: Settings, plan: BuildPlan, reporter: Reporter | None = None, force: bool = False
+) -> BuildResult:
     reporter = reporter or Silent()
     if is_built(plan) and not force:
         reporter.info(f"{plan.qcow2.name} is up to date (inputs unchanged); --force rebuilds it")
@@ -461,7 +466,7 @@ def latest_build(settings: Settings, role: str) -> dict[str, Any] | None:
     manifests = sorted(role_dir.glob(f"{role}-*.manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for manifest_path in manifests:
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         except ValueError:
             continue
         image = role_dir / manifest["image"]

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -53,7 +53,7 @@ def handle_errors(func: F) -> F:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps types its result as _Wrapped, not F
 
 
 @click.group()
@@ -174,7 +174,8 @@ def boot_cmd(state: State, role: str, site: str | None, secrets: str | None, acc
         site_path=_path(site) or _default_site(state.settings),
         secrets_path=_path(secrets) or _default_secrets(state.settings),
         image=_path(image), accel=accel, memory_mb=memory_mb), state.reporter)
-    click.echo(f"{role} {vm.version} is up under {vm.accel.upper()} (serial log: {vm.serial_log})")
+    click.echo(f"{role} {vm.version} is up under {vm.accel.upper()}: ssh after {vm.ssh_seconds:.0f} s, cloud-init "
+               f"done after {vm.cloud_init_seconds:.0f} s (serial log: {vm.serial_log})")
     click.echo(f"ssh in:    ssh -F {vm.ssh_config} {vm.ssh_alias}")
     click.echo(f"power off: homelab down {role}")
 

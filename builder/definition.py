@@ -176,7 +176,8 @@ def _check_volume_names_unique(values: dict[str, Any], doc: Any) -> None:
         for key in ("name", "mount"):
             marker = f"{key}:{volume[key]}"
             if marker in seen:
-                raise DefinitionError(f"{doc.where(('volumes', i, key))}: volumes[{i}].{key}: duplicate {volume[key]!r}")
+                where = doc.where(("volumes", i, key))
+                raise DefinitionError(f"{where}: volumes[{i}].{key}: duplicate {volume[key]!r}")
             seen.add(marker)
 
 

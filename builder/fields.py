@@ -79,13 +79,13 @@ class ListOf(Kind):
     def check(self, value: Any, keypath: KeyPath, doc: Located) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(value, keypath, doc)
-        items = [self.item.check(v, keypath + (i,), doc) for i, v in enumerate(value)]
+        items = [self.item.check(v, (*keypath, i), doc) for i, v in enumerate(value)]
         if self.unique:
             seen: set[str] = set()
             for i, item in enumerate(items):
                 marker = repr(item)
                 if marker in seen:
-                    raise DefinitionError(f"{doc.where(keypath + (i,))}: {dotted(keypath + (i,))}: duplicate {item!r}")
+                    raise DefinitionError(f"{doc.where((*keypath, i))}: {dotted((*keypath, i))}: duplicate {item!r}")
                 seen.add(marker)
         return items
 
@@ -119,8 +119,8 @@ class MapOf(Kind):
         result = {}
         for key, item in value.items():
             if not isinstance(key, str) or not self.key_pattern.fullmatch(key):
-                raise DefinitionError(f"{doc.where(keypath + (key,))}: {dotted(keypath + (key,))}: invalid name {key!r}")
-            result[key] = self.value.check(item, keypath + (key,), doc)
+                raise DefinitionError(f"{doc.where((*keypath, key))}: {dotted((*keypath, key))}: invalid name {key!r}")
+            result[key] = self.value.check(item, (*keypath, key), doc)
         return result
 
 
@@ -141,14 +141,14 @@ def check_mapping(value: dict[Any, Any], fields: Sequence[Field], keypath: KeyPa
         if key not in by_name:
             known = ", ".join(sorted(by_name))
             raise DefinitionError(
-                f"{doc.where(keypath + (key,))}: unknown key {dotted(keypath + (key,))!r} (known: {known})"
+                f"{doc.where((*keypath, key))}: unknown key {dotted((*keypath, key))!r} (known: {known})"
             )
     result: dict[str, Any] = {}
     for f in fields:
         if f.name in value and value[f.name] is not None:
-            result[f.name] = f.kind.check(value[f.name], keypath + (f.name,), doc)
+            result[f.name] = f.kind.check(value[f.name], (*keypath, f.name), doc)
         elif f.required:
-            raise DefinitionError(f"{doc.where(keypath)}: missing required key {dotted(keypath + (f.name,))!r}")
+            raise DefinitionError(f"{doc.where(keypath)}: missing required key {dotted((*keypath, f.name))!r}")
         else:
             result[f.name] = f.default() if callable(f.default) else f.default
     return result

@@ -46,6 +46,9 @@ class VMState:
     hostname: str
     address: str
     run_dir: str
+    # Measured from QEMU's start: first ssh login, cloud-init done (0 until reached).
+    ssh_seconds: float = 0.0
+    cloud_init_seconds: float = 0.0
 
     @property
     def ssh_config(self) -> Path:
@@ -256,16 +259,20 @@ def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter
     _write_ssh_config(state, key)
     with reporter.step(f"Start QEMU ({accel})"):
         state = _start_qemu(settings, state, memory, cores, options.accel is None, reporter)
+    started = time.monotonic()
     reporter.info(f"accelerator: {state.accel}" + (" (KVM guests hang on this host)" if state.accel == "tcg" else ""))
     try:
         with reporter.step("Wait for ssh"):
             _wait_for_ssh(state, options.boot_timeout, reporter)
+        state.ssh_seconds = round(time.monotonic() - started, 1)
         if options.wait_cloud_init:
             with reporter.step("Wait for cloud-init"):
                 _wait_for_cloud_init(state, options.boot_timeout)
+            state.cloud_init_seconds = round(time.monotonic() - started, 1)
     except HomelabError:
         stop(settings, role)
         raise
+    _state_path(state).write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
 
 

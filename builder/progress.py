@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-
 PLAIN_HEARTBEAT_SECONDS = 30
 
 
@@ -74,7 +73,8 @@ class Silent(Reporter):
     """For library use and tests: records steps, prints nothing."""
 
     def __init__(self) -> None:
-        super().__init__(Console(file=open("/dev/null", "w")), live=False)  # noqa: SIM115
+        # quiet: the console writes nothing (and, unlike an open("/dev/null"), leaves no file handle behind).
+        super().__init__(Console(quiet=True), live=False)
         self.steps: list[str] = []
 
     @contextmanager

@@ -27,7 +27,7 @@ def execute(sock: Path, command: str, arguments: dict[str, Any] | None = None, t
     """Run one QMP command against a QEMU's monitor socket and return its result."""
     try:
         return asyncio.run(asyncio.wait_for(_execute(sock, command, arguments), timeout))
-    except (OSError, asyncio.TimeoutError, QMPError) as exc:
+    except (TimeoutError, OSError, QMPError) as exc:
         raise BootError(f"QMP {command} on {sock} failed: {exc or 'timed out'}") from None
 
 
@@ -61,7 +61,7 @@ async def _powerdown(sock: Path, timeout: float) -> bool:
 
                 await asyncio.wait_for(first_event(), timeout)
                 return True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
     finally:
         await client.disconnect()

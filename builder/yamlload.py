@@ -38,12 +38,12 @@ def _construct(node: yaml.Node, keypath: KeyPath, lines: dict[KeyPath, int], fil
             key = yaml.safe_load(yaml.serialize(key_node))
             if key in result:
                 line = key_node.start_mark.line + 1
-                raise DefinitionError(f"{file}:{line}: duplicate key {_dotted(keypath + (key,))!r}")
-            lines[keypath + (key,)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, keypath + (key,), lines, file)
+                raise DefinitionError(f"{file}:{line}: duplicate key {_dotted((*keypath, key))!r}")
+            lines[(*keypath, key)] = key_node.start_mark.line + 1
+            result[key] = _construct(value_node, (*keypath, key), lines, file)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, keypath + (i,), lines, file) for i, item in enumerate(node.value)]
+        return [_construct(item, (*keypath, i), lines, file) for i, item in enumerate(node.value)]
     return yaml.safe_load(yaml.serialize(node))
 
 

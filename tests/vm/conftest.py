@@ -37,7 +37,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     if report.failed and item.cls is not None:
-        item.cls.failed = True  # type: ignore[attr-defined]
+        item.cls.failed = True  # read by the class's `booted` fixture
 
 
 @pytest.fixture(scope="session")
