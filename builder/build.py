@@ -89,7 +89,7 @@ class BuildResult:
     skipped: bool
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -99,7 +99,7 @@ def _sha256_file(path: Path) -> str:
 
 def _tree_hashes(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): _sha256_file(p)
+        str(p.relative_to(root)): sha256_file(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts
     }
@@ -217,7 +217,7 @@ def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPla
     definition = load_role(settings.project, role)
     layer = layer_path(settings, role, layer_key(definition, settings))
     mode = "incremental" if not refresh and layer_is_fresh(layer) else "full"
-    baked = {dest: _sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
+    baked = {dest: sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
     digest = inputs_hash(definition, settings, baked)
     version = digest[:12]
     out_dir = settings.role_dir(role)
@@ -364,7 +364,7 @@ def publish(ctx: BuildContext) -> None:
         "version": plan.version,
         "inputs_hash": plan.inputs_hash,
         "image": plan.qcow2.name,
-        "sha256": _sha256_file(produced),
+        "sha256": sha256_file(produced),
         "size": produced.stat().st_size,
         "dib_version": _dib_version(),
         "builder_version": __version__,

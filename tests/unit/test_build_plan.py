@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,22 +34,9 @@ from builder.errors import BuildError
 from builder.progress import Silent
 from builder.runner import describe
 from builder.settings import Settings
-from tests.conftest import FIXTURES, PROJECT
+from tests.conftest import PROJECT
 
 ROLE = "web"
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    project = tmp_path / "project"
-    shutil.copytree(FIXTURES / "project", project)
-    return Settings(
-        project=project,
-        build_dir=tmp_path / "build",
-        cache_dir=tmp_path / "cache",
-        mirror="http://mirror.test/debian",
-        security_mirror="http://mirror.test/debian-security",
-    )
 
 
 @pytest.fixture

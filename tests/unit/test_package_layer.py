@@ -37,23 +37,9 @@ from builder.definition import load_role
 from builder.errors import BuildError
 from builder.progress import Silent
 from builder.settings import Settings
-from tests.conftest import FIXTURES
 
 ROLE = "web"
 TAR_BYTES = b"a root tarball stand-in\n"
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    project = tmp_path / "project"
-    shutil.copytree(FIXTURES / "project", project)
-    return Settings(
-        project=project,
-        build_dir=tmp_path / "build",
-        cache_dir=tmp_path / "cache",
-        mirror="http://mirror.test/debian",
-        security_mirror="http://mirror.test/debian-security",
-    )
 
 
 def _key(settings: Settings, role: str = ROLE) -> str:

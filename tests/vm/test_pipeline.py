@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from builder import localvm
-from builder.build import latest_build
+from builder.build import latest_build, sha256_file
 from builder.cloudinit import read_seed_iso
 from builder.settings import Settings
 
 from .conftest import TEST_SECRETS, TEST_SITE, homelab
 
 pytestmark = pytest.mark.vm
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RoleImage:
@@ -58,7 +49,7 @@ class RoleImage:
 
     def test_the_built_image_is_never_modified_by_booting(self, booted: localvm.VMState) -> None:
         manifest = json.loads(Path(booted.image).with_name(Path(booted.image).stem + ".manifest.json").read_text())
-        assert _sha256(Path(booted.image)) == manifest["sha256"]
+        assert sha256_file(Path(booted.image)) == manifest["sha256"]
 
     def test_graceful_powerdown(self, booted: localvm.VMState, settings: Settings) -> None:
         # Last in the class: powers the VM down through ACPI and checks QEMU is gone.
