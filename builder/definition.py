@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import DefinitionError, UnknownRoleError
 from .fields import Bool, Field, Int, ListOf, Record, Str, check_mapping, help_rows
+from .site import ZONES, NonEmptyListOf
 from .yamlload import load_located
 
 # Debian release names by the `base` values the tool supports.
@@ -93,6 +94,10 @@ PORT_FIELDS = [
     Field("port", Int(1, 65535), "Port number.", required=True),
     Field("proto", Str(choices=["tcp", "udp"]), "Protocol.", default="tcp"),
     Field("service", Str(), "What listens there.", required=True),
+    # The firewall matrix: a port is open to these zones only (networks in the site file's zones.<zone>).
+    Field("from", NonEmptyListOf(Str(choices=ZONES)),
+          "Firewall zones allowed to connect (the site file's zones.<zone>); every other source is refused.",
+          required=True),
 ]
 
 IMAGE_FIELDS = [
@@ -114,7 +119,9 @@ IMAGE_FIELDS = [
           default=list),
     Field("vm", Record(VM_FIELDS, "a vm mapping"), "VM size.", default=lambda: {f.name: f.default for f in VM_FIELDS},
           dib=_vm),
-    Field("ports", ListOf(Record(PORT_FIELDS, "a port entry")), "Ports the VM serves.", default=list),
+    Field("ports", ListOf(Record(PORT_FIELDS, "a port entry")),
+          "Ports the VM serves and the zones each is open to: the role's firewall matrix. A compose stack may "
+          "publish only these.", default=list),
 ]
 
 

@@ -48,3 +48,7 @@ class BootError(HomelabError):
 
 class VerifyError(HomelabError):
     """The testinfra suite found failures."""
+
+
+class LockError(HomelabError):
+    """An image tag could not be resolved to digests (the registry refused, or answered without them)."""

@@ -31,6 +31,8 @@ SECRET_SECTION = r"[a-z][a-z0-9-]*"
 SSH_KEY_FIELDS = {"ssh-ed25519": 2, "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3, "ecdsa-sha2-nistp521": 3,
                   "ssh-rsa": 3}
 SSH_KEY_TYPES = tuple(SSH_KEY_FIELDS)
+# Firewall zones: the site maps each to its networks (zones.<zone>), image definitions name them in ports[].from.
+ZONES = ("lan", "dmz", "vpn", "wan", "monitoring")
 
 
 def ssh_key_problem(text: str) -> str | None:
@@ -120,6 +122,44 @@ class IPv4Interface(Kind):
         return str(iface)
 
 
+class IPv4Network(Kind):
+    """A network with its prefix (192.168.1.0/24, 10.8.0.0/24, 0.0.0.0/0); host bits must be zero."""
+
+    describe = "an IPv4 network like 192.168.1.0/24"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        if not isinstance(value, str) or "/" not in value:
+            raise self.fail(value, keypath, doc)
+        try:
+            return str(ipaddress.IPv4Network(value))
+        except ValueError:
+            try:
+                network = ipaddress.IPv4Network(value, strict=False)
+            except ValueError:
+                raise self.fail(value, keypath, doc) from None
+            raise DefinitionError(
+                f"{doc.where(keypath)}: {dotted(keypath)}: {value} has host bits set (the network is {network})"
+            ) from None
+
+
+class ZoneMap(MapOf):
+    """zones.<zone>: the networks of one firewall zone; only the zones in ZONES exist."""
+
+    def __init__(self) -> None:
+        super().__init__(NonEmptyListOf(IPv4Network()), key_pattern="|".join(ZONES),
+                         what="a mapping of zone (" + ", ".join(ZONES) + ") to IPv4 networks")
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> dict[str, Any]:
+        if isinstance(value, dict):
+            for key in value:
+                if key not in ZONES:
+                    raise DefinitionError(
+                        f"{doc.where((*keypath, key))}: {dotted((*keypath, key))}: unknown zone {key!r} "
+                        f"(zones: {', '.join(ZONES)})"
+                    )
+        return super().check(value, keypath, doc)
+
+
 class Timezone(Str):
     def __init__(self) -> None:
         super().__init__(pattern=TIMEZONE, what="a tz database name like Europe/Paris")
@@ -167,6 +207,10 @@ SITE_FIELDS = [
     Field("dns", NonEmptyListOf(IPv4()), "IPv4 DNS servers of the hosts.", required=True),
     Field("hosts", MapOf(Record(HOST_FIELDS, "a host mapping"), what="a mapping of role to host"),
           "Host of each role: hosts.<role>.hostname and hosts.<role>.address.", required=True),
+    Field("zones", ZoneMap(),
+          "Firewall zones (" + ", ".join(ZONES) + "): zones.<zone> lists its IPv4 networks; image definitions "
+          "name the zones each port is open to (ports[].from). Zones may overlap (the DMZ host is in the LAN).",
+          default=dict),
 ]
 
 @dataclass(frozen=True)
@@ -186,6 +230,7 @@ class Site:
     gateway: str
     dns: tuple[str, ...]
     hosts: Mapping[str, SiteHost]
+    zones: Mapping[str, tuple[str, ...]]
     # Every validated key, including ones added to SITE_FIELDS later.
     values: Mapping[str, Any]
 
@@ -218,6 +263,7 @@ def load_site(path: Path) -> Site:
         gateway=values["gateway"],
         dns=tuple(values["dns"]),
         hosts=hosts,
+        zones={zone: tuple(networks) for zone, networks in values["zones"].items()},
         values=values,
     )
 

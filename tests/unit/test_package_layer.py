@@ -179,7 +179,7 @@ def test_layer_key_ignores_what_is_not_in_the_package_layer(settings: Settings) 
     key = _key(settings)
     _edit_definition(settings, "cores: 2", "cores: 3")
     _edit_definition(settings, "disk_gb: 5", "disk_gb: 6")
-    _edit_definition(settings, "{port: 80, service: nginx}", "{port: 8080, service: nginx}")
+    _edit_definition(settings, "{port: 80, service: nginx, from: [lan]}", "{port: 8080, service: nginx, from: [lan]}")
     assert _key(settings) == key
 
 
