@@ -211,3 +211,20 @@ def verify_cmd(state: State, role: str, site: str | None, secrets: str | None, a
         secrets_path=_path(secrets) or _default_secrets(state.settings),
         host=host, keep=keep, accel=accel), state.reporter)
     click.echo(f"{role}: verified (report: {junit})")
+
+
+@main.command("lock")
+@click.argument("role")
+@click.option("--registries-conf", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="containers-registries.conf(5) to resolve through (e.g. a mirror).")
+@click.option("--no-tls-verify", is_flag=True, help="Allow a plain-HTTP registry (a loopback mirror in tests).")
+@click.pass_obj
+@handle_errors
+def lock_cmd(state: State, role: str, registries_conf: str | None, no_tls_verify: bool) -> None:
+    """Resolve ROLE's container image tags to digests and write compose/ROLE/images.lock.json."""
+    from .lock import lock_role, skopeo_inspect
+
+    def inspect(image: str) -> dict[str, Any]:
+        return skopeo_inspect(image, registries_conf=_path(registries_conf), tls_verify=not no_tls_verify)
+
+    click.echo(lock_role(state.settings.project, role, inspect))

@@ -1,4 +1,4 @@
-"""Shared fixtures. Unit tests cannot start processes: only tests marked `vm` may."""
+"""Shared fixtures. Unit tests cannot start processes: only tests marked `vm` or `host` may."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# Tests that may start programs: `vm` (image builds, QEMU) and `host` (local programs such as a loopback
+# registry or skopeo, no VM).
+PROCESS_MARKS = ("vm", "host")
+
+
 class ProcessStartedInUnitTest(AssertionError):
     pass
 
@@ -24,8 +29,8 @@ def _refuse(*args: Any, **kwargs: Any) -> Any:
 
 @pytest.fixture(autouse=True)
 def no_processes_outside_vm_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every way Python starts a program is refused unless the test is marked `vm`."""
-    if request.node.get_closest_marker("vm") is not None:
+    """Every way Python starts a program is refused unless the test is marked `vm` or `host`."""
+    if any(request.node.get_closest_marker(mark) is not None for mark in PROCESS_MARKS):
         return
     monkeypatch.setattr(subprocess, "Popen", _refuse)
     monkeypatch.setattr(os, "system", _refuse)
