@@ -13,16 +13,19 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import __version__
+from .compose import check_stack
 from .definition import ImageDefinition, load_role
 from .errors import BuildError, CommandFailedError, NotRootError
+from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository
 from .progress import Reporter, Silent
 from .runner import describe, require_tool, run, run_streaming
 from .settings import Settings
@@ -32,6 +35,9 @@ COMPOSE_DEST = "/opt/homelab/compose"
 IMAGE_INFO_DEST = "/etc/homelab/image.json"
 # What this image baked, so that a build from a cached layer can drop what an older build baked.
 BAKED_LIST_DEST = "/etc/homelab/baked.list"
+# Container images baked into the image (docker-archive tarballs) and their index, loaded at boot by
+# homelab-load-images before the stack starts: a booted VM never pulls.
+IMAGES_DEST = "/var/lib/homelab/images"
 # Free space a build needs where DIB works and where the image lands (root fs in tmpfs/TMP_DIR,
 # the raw image, the qcow2 conversion).
 MIN_FREE_BYTES = 6 * 1024**3
@@ -79,6 +85,7 @@ class BuildContext:
     workdir: Path = Path()
     stage: Path = Path()
     packages: dict[str, str] = field(default_factory=dict)
+    container_images: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,8 @@ BASE_AND_OS_ELEMENTS = {"debian-minimal", "vm", "cloud-init", "cloud-init-dataso
 def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPlan:
     """What a build will do. Incremental when a fresh package layer for this package set is cached."""
     definition = load_role(settings.project, role)
+    # The stack must be valid and locked before anything is built (ports, pins, digests).
+    check_stack(settings.project, definition, None, None)
     layer = layer_path(settings, role, layer_key(definition, settings))
     mode = "incremental" if not refresh and layer_is_fresh(layer) else "full"
     baked = {dest: sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
@@ -308,6 +317,70 @@ def _mkdirs(stage: Path, directory: Path) -> None:
         os.chmod(d, 0o755)
 
 
+def stack_lock(definition: ImageDefinition, project: Path) -> Lock | None:
+    if not definition["compose"]:
+        return None
+    directory = project / definition["compose"]
+    return load_lock(directory / LOCK_NAME, images_in_compose(directory / "compose.yaml"), project=project,
+                     role=definition.role)
+
+
+def archive_config_digest(archive: Path) -> str:
+    """The image ID a docker-archive tarball loads as: sha256 of its config blob."""
+    with tarfile.open(archive) as tar:
+        manifest = json.load(_member(tar, archive, "manifest.json"))
+        config = _member(tar, archive, manifest[0]["Config"]).read()
+    return "sha256:" + hashlib.sha256(config).hexdigest()
+
+
+def _member(tar: tarfile.TarFile, archive: Path, name: str) -> IO[bytes]:
+    handle = tar.extractfile(name)
+    if handle is None:
+        raise BuildError(f"{archive}: {name} is not a file")
+    return handle
+
+
+def fetch_image(settings: Settings, image: str, entry: LockEntry) -> Path:
+    """The image as a docker-archive in the cache, fetched by digest once and checked against the lock."""
+    cached = settings.cache_dir / "images" / f"{entry.config_digest.removeprefix('sha256:')}.tar"
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if settings.registries_conf is not None:
+        env["CONTAINERS_REGISTRIES_CONF"] = str(settings.registries_conf)
+    run(["skopeo", "--override-os", "linux", "--override-arch", "amd64", "copy", "--quiet",
+         f"docker://{repository(image)}@{entry.digest}", f"docker-archive:{partial}:{image}"], env=env, timeout=1800)
+    got = archive_config_digest(partial)
+    if got != entry.config_digest:
+        partial.unlink(missing_ok=True)
+        raise BuildError(f"{image}@{entry.digest} loads as {got}, but the lock says {entry.config_digest}")
+    os.replace(partial, cached)
+    return cached
+
+
+def fetch_container_images(ctx: BuildContext) -> None:
+    """Every image of the stack, by digest, into the staged tree with an index the VM's loader reads."""
+    lock = stack_lock(ctx.plan.definition, ctx.settings.project)
+    if lock is None:
+        return
+    target = ctx.stage / IMAGES_DEST.lstrip("/")
+    _mkdirs(ctx.stage, target)
+    index: dict[str, dict[str, str]] = {}
+    for number, (image, entry) in enumerate(sorted(lock.images.items())):
+        ctx.reporter.update(image)
+        cached = fetch_image(ctx.settings, image, entry)
+        name = f"{number:02d}-{re.sub(r'[^A-Za-z0-9.-]+', '_', image)}.tar"
+        shutil.copyfile(cached, target / name)
+        os.chmod(target / name, 0o600)
+        index[image] = {"file": name, "digest": entry.digest, "config_digest": entry.config_digest}
+    (target / "images.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.chmod(target / "images.json", 0o644)
+    ctx.container_images = index
+
+
 def run_diskimage_builder(ctx: BuildContext) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
     # DIB's helpers (dib-run-parts, element-info) live beside our interpreter in a virtualenv.
@@ -376,6 +449,8 @@ def publish(ctx: BuildContext) -> None:
         "build_mode": plan.mode,
         "package_layer": plan.layer.name,
         "packages": dict(sorted(ctx.packages.items())),
+        "container_images": {image: {k: v for k, v in entry.items() if k != "file"}
+                             for image, entry in sorted(ctx.container_images.items())},
         "baked_files": dict(sorted(plan.baked.items())),
     }
     tmp_manifest = ctx.workdir / plan.manifest.name
@@ -408,6 +483,7 @@ BUILD_STEPS: list[tuple[str, Callable[[BuildContext], None]]] = [
     ("Check prerequisites", check_prerequisites),
     ("Prepare work directory", prepare_workdir),
     ("Stage baked files", stage_baked_files),
+    ("Fetch container images", fetch_container_images),
     ("Run diskimage-builder", run_diskimage_builder),
     ("Read package list", read_package_list),
     # The layer before the image: a build that published always left its layer for the next one.

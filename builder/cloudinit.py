@@ -19,7 +19,8 @@ import jsonschema
 import pycdlib
 import yaml
 
-from .definition import definition_path
+from .compose import PROMETHEUS_SCRAPER, PROMETHEUS_TARGETS, check_stack, prometheus_node_targets, role_env_files
+from .definition import load_role
 from .errors import RenderError
 from .site import Site, ssh_key_problem
 
@@ -139,7 +140,9 @@ def render_seed(
     extra_ssh_keys: Sequence[str] = (),
 ) -> Seed:
     """The three NoCloud files for `role`; `network` replaces the site's addresses (local QEMU boots)."""
-    definition_path(project, role)  # an unknown role fails here, naming the known ones
+    definition = load_role(project, role)  # an unknown role fails here, naming the known ones
+    # The stack's secrets must be present and strong before anything boots (the lock is the build's concern).
+    check_stack(project, definition, site, secrets, require_lock=False)
     host = site.host(role)
     net = _network(site, role, network)
     fqdn = f"{host.hostname}.{site.domain}"
@@ -153,6 +156,7 @@ def render_seed(
         "ssh_authorized_keys": _ssh_keys(site, extra_ssh_keys),
         "host_json": json.dumps(host_info, indent=2, sort_keys=True) + "\n",
         "secrets_env": secrets_env(role, secrets),
+        "stack_files": stack_files(role, site, secrets),
     })
     network_config = _render(env, "network-config", {
         "address": net.address, "gateway": net.gateway, "dns": list(net.dns), "domain": site.domain,
@@ -162,6 +166,16 @@ def render_seed(
     meta_data = _render(env, "meta-data", {"instance_id": instance_id(role, user_data, network_config),
                                            "hostname": host.hostname})
     return Seed(user_data=user_data, meta_data=meta_data, network_config=network_config)
+
+
+def stack_files(role: str, site: Site, secrets: Mapping[str, Mapping[str, str]]) -> list[dict[str, str]]:
+    """Per-host files the role's compose stack reads: its env files (secrets, 0600) and, on the scraper,
+    Prometheus' targets (the other VMs' addresses: site facts, never baked)."""
+    files = [{"path": path, "permissions": "0600", "content": content}
+             for path, content in sorted(role_env_files(role, secrets).items())]
+    if role == PROMETHEUS_SCRAPER and role in site.hosts:
+        files.append({"path": PROMETHEUS_TARGETS, "permissions": "0644", "content": prometheus_node_targets(site)})
+    return files
 
 
 def instance_id(role: str, user_data: str, network_config: str) -> str:

@@ -142,10 +142,12 @@ def role_env_files(role: str, secrets: Mapping[str, Mapping[str, str]]) -> dict[
 # Where cloud-init writes, on the VM running Prometheus, the other VMs' node_exporter targets (file_sd_configs in
 # compose/intranet/prometheus/prometheus.yml; addresses are site facts, never baked).
 PROMETHEUS_TARGETS = "/etc/homelab/prometheus/nodes.json"
+# The role whose stack runs Prometheus.
+PROMETHEUS_SCRAPER = "intranet"
 NODE_EXPORTER_PORT = 9100
 
 
-def prometheus_node_targets(site: Site, scraper: str = "intranet") -> str:
+def prometheus_node_targets(site: Site, scraper: str = PROMETHEUS_SCRAPER) -> str:
     """The file_sd JSON listing every other host's node_exporter (the scraper's own is in prometheus.yml)."""
     groups = [
         {"targets": [f"{host.address.split('/')[0]}:{NODE_EXPORTER_PORT}"], "labels": {"instance": role, "role": role}}

@@ -19,6 +19,8 @@ class Settings:
     cache_dir: Path
     mirror: str
     security_mirror: str
+    # containers-registries.conf(5) for fetching container images (a mirror); None: the registries themselves.
+    registries_conf: Path | None = None
 
     def role_dir(self, role: str) -> Path:
         return self.build_dir / role
@@ -40,4 +42,6 @@ def load_settings(project: Path | None = None) -> Settings:
         cache_dir=cache,
         mirror=os.environ.get("HOMELAB_MIRROR", DEFAULT_MIRROR),
         security_mirror=os.environ.get("HOMELAB_SECURITY_MIRROR", DEFAULT_SECURITY_MIRROR),
+        registries_conf=Path(os.environ["HOMELAB_REGISTRIES_CONF"]) if os.environ.get("HOMELAB_REGISTRIES_CONF")
+        else None,
     )

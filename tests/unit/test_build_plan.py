@@ -138,6 +138,8 @@ def test_plan_lists_every_baked_file_with_its_sha256(settings: Settings, plan: B
         "/usr/local/bin/healthcheck": plan.baked["/usr/local/bin/healthcheck"],
         f"{COMPOSE_DEST}/compose.yaml": plan.baked[f"{COMPOSE_DEST}/compose.yaml"],
         f"{COMPOSE_DEST}/config/app.env": plan.baked[f"{COMPOSE_DEST}/config/app.env"],
+        # The lock is baked with its stack: the image records which digests it runs.
+        f"{COMPOSE_DEST}/images.lock.json": plan.baked[f"{COMPOSE_DEST}/images.lock.json"],
     }
 
 

@@ -158,11 +158,21 @@ def test_dry_run_prints_the_command_and_writes_nothing(fixture_project: Path, bu
     assert not (tmp_path / "cache").exists()
 
 
-def test_dry_run_of_the_projects_role_writes_nothing(build_dir: Path) -> None:
-    result = invoke("build", "image", "intranet", "--dry-run")
+def test_dry_run_of_a_locked_role_writes_nothing(fixture_project: Path, build_dir: Path) -> None:
+    result = invoke("build", "image", "web", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "disk-image-create" in result.stdout
-    assert f"output:   {build_dir / 'intranet'}/intranet-" in result.stdout
+    assert f"output:   {build_dir / 'web'}/web-" in result.stdout
+    assert not build_dir.exists()
+
+
+def test_a_role_whose_stack_is_not_locked_is_refused_before_anything_is_built(build_dir: Path) -> None:
+    # The checkout's roles have no lock until the owner runs `homelab lock` against the real registries.
+    if (PROJECT / "compose" / "intranet" / "images.lock.json").exists():
+        pytest.skip("this checkout has a lock for intranet")
+    result = invoke("build", "image", "intranet", "--dry-run")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: compose/intranet: no lock file: run `homelab lock intranet`"
     assert not build_dir.exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ SITE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEZ34vFY5e3UW2paPff94a7Uzy0jlyja
 LOCAL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKTyw7qlTCQ0cVhxqVa20CkFDXdHJ6FdTZ+djApxheZ2 local-boot"
 QEMU = HostNetwork(address="10.0.2.15/24", gateway="10.0.2.2", dns=["10.0.2.3"])
 # Everything that would end or open something in YAML, plus a literal backslash-n and non-ASCII.
+# The secrets the real stacks need (the test secrets file, throwaway values).
+STACK_SECRETS = load_secrets(FIXTURES / "site" / "test-secrets.yaml")
 NASTY = 'a"b: -c #d \'e\' {f: [g]} & *h !i |j >k %l @m `n` \\n \\" \u00e9\U0001f600 '
 
 
@@ -114,32 +117,49 @@ def test_meta_data_of_each_role(role: str, site: Site, secrets: dict[str, dict[s
     assert yaml.safe_load(seed.meta_data) == {"instance-id": f"{role}-{digest}", "local-hostname": role}
 
 
+def stack(extra: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, str]]:
+    """The secrets the real stacks need (STACK_SECRETS), plus a test's own, which win."""
+    merged = {section: dict(values) for section, values in STACK_SECRETS.items()}
+    for section, values in (extra or {}).items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
 def test_secrets_env_is_common_then_role_and_private(site: Site, secrets: dict[str, dict[str, str]]) -> None:
     files = _files(_user_data(render_seed(PROJECT, "intranet", site, secrets).user_data))
     env = files["/etc/homelab/secrets.env"]
     assert env["content"] == (
-        "TZ_NAME=Europe/Paris\nDB_PASSWORD=p@ss: w0rd # not a comment\nGRAFANA_ADMIN=admin\n"
+        "TZ_NAME=Europe/Paris\nDB_PASSWORD=TestOnlyDbPassw0rd4Immich2026\n"
+        "GRAFANA_ADMIN_PASSWORD=test only: grafana admin\nNOTE=p@ss: w0rd # not a comment\n"
     )
     assert env["permissions"] == "0600"
     assert env["owner"] == "root:root"
 
 
 def test_a_role_value_replaces_the_common_one(site: Site) -> None:
-    secrets = {"common": {"A": "1", "B": "2"}, "intranet": {"B": "3", "C": "4"}}
-    files = _files(_user_data(render_seed(PROJECT, "intranet", site, secrets).user_data))
-    assert files["/etc/homelab/secrets.env"]["content"] == "A=1\nB=3\nC=4\n"
+    secrets = {"common": {"A": "1", "B": "2"}, "extranet": {"B": "3", "C": "4"}}
+    files = _files(_user_data(render_seed(PROJECT, "extranet", site, stack(secrets)).user_data))
+    content = files["/etc/homelab/secrets.env"]["content"]
+    assert content.startswith("TZ_NAME=Europe/Paris\nA=1\nB=3\n") and content.endswith("C=4\n")
 
 
-def test_no_secrets_no_secrets_file(site: Site) -> None:
+def test_a_stack_without_its_secrets_is_refused_naming_the_secret(site: Site) -> None:
     for secrets in ({}, {"intranet": {"ONLY": "intranet"}}):
-        files = _files(_user_data(render_seed(PROJECT, "extranet", site, secrets).user_data))
-        assert list(files) == ["/etc/homelab/host.json"]
+        with pytest.raises(DefinitionError, match=r"extranet\.NPM_ADMIN_EMAIL: missing"):
+            render_seed(PROJECT, "extranet", site, secrets)
+
+
+def test_the_stacks_env_files_are_written_private(site: Site) -> None:
+    files = _files(_user_data(render_seed(PROJECT, "extranet", site, stack()).user_data))
+    npm = files["/etc/homelab/npm.env"]
+    assert npm["permissions"] == "0600" and npm["owner"] == "root:root"
+    assert "INITIAL_ADMIN_EMAIL='admin@test.home.arpa'" in npm["content"]
 
 
 def test_a_nasty_secret_round_trips_exactly(site: Site) -> None:
-    seed = render_seed(PROJECT, "intranet", site, {"intranet": {"NASTY": NASTY}})
+    seed = render_seed(PROJECT, "intranet", site, stack({"intranet": {"NASTY": NASTY}}))
     data = _user_data(seed.user_data)
-    assert _files(data)["/etc/homelab/secrets.env"]["content"] == f"NASTY={NASTY}\n"
+    assert _files(data)["/etc/homelab/secrets.env"]["content"].endswith(f"\nNASTY={NASTY}\n")
     assert set(data) >= {"hostname", "users", "write_files"}
     assert seed.user_data.isascii(), "non-ASCII is escaped, so no encoding can change it"
 
@@ -147,7 +167,7 @@ def test_a_nasty_secret_round_trips_exactly(site: Site) -> None:
 def test_a_multi_line_secret_is_refused(site: Site) -> None:
     # Each secret is one KEY=value line: a newline would start another variable.
     with pytest.raises(RenderError, match="NASTY of intranet: must be a one-line string"):
-        render_seed(PROJECT, "intranet", site, {"common": {"NASTY": 'x"\n: - y'}})
+        render_seed(PROJECT, "intranet", site, stack({"common": {"NASTY": 'x"\n: - y'}}))
 
 
 def test_local_boot_network_and_key(site: Site, secrets: dict[str, dict[str, str]]) -> None:
@@ -163,20 +183,20 @@ def test_local_boot_network_and_key(site: Site, secrets: dict[str, dict[str, str
 
 def test_a_bad_extra_key_is_refused(site: Site) -> None:
     with pytest.raises(RenderError, match="extra ssh key"):
-        render_seed(PROJECT, "intranet", site, {}, extra_ssh_keys=["ssh-ed25519 nope"])
+        render_seed(PROJECT, "intranet", site, stack(), extra_ssh_keys=["ssh-ed25519 nope"])
 
 
 def test_a_gateway_outside_the_override_network_is_refused(site: Site) -> None:
     bad = HostNetwork(address="10.0.2.15/24", gateway="10.0.3.2", dns=["10.0.2.3"])
     with pytest.raises(RenderError, match=r"gateway 10\.0\.3\.2 is not in 10\.0\.2\.15/24"):
-        render_seed(PROJECT, "intranet", site, {}, network=bad)
+        render_seed(PROJECT, "intranet", site, stack(), network=bad)
 
 
 def test_instance_id_follows_user_data_and_network_config(site: Site) -> None:
-    one = render_seed(PROJECT, "intranet", site, {})
-    same = render_seed(PROJECT, "intranet", site, {})
-    other_secret = render_seed(PROJECT, "intranet", site, {"common": {"A": "1"}})
-    local = render_seed(PROJECT, "intranet", site, {}, network=QEMU)
+    one = render_seed(PROJECT, "intranet", site, stack())
+    same = render_seed(PROJECT, "intranet", site, stack())
+    other_secret = render_seed(PROJECT, "intranet", site, stack({"common": {"A": "1"}}))
+    local = render_seed(PROJECT, "intranet", site, stack(), network=QEMU)
     assert one.meta_data == same.meta_data
     assert other_secret.meta_data != one.meta_data
     assert local.meta_data != one.meta_data
@@ -192,7 +212,7 @@ def test_role_missing_from_the_site(site: Site, tmp_path: Path) -> None:
     text = (FIXTURES / "site" / "test-site.yaml").read_text().replace("  extranet: {", "  other: {")
     (tmp_path / "site.yaml").write_text(text)
     with pytest.raises(DefinitionError, match=r"site\.yaml has no hosts\.extranet"):
-        render_seed(PROJECT, "extranet", load_site(tmp_path / "site.yaml"), {})
+        render_seed(PROJECT, "extranet", load_site(tmp_path / "site.yaml"), stack())
 
 
 @pytest.mark.parametrize(
@@ -240,22 +260,22 @@ def test_network_config_schema_errors(text: str, error: str) -> None:
 
 def test_a_template_that_breaks_the_schema_names_the_role_and_path(site: Site, tmp_path: Path) -> None:
     project = tmp_path / "project"
-    (project / "images").mkdir(parents=True)
-    (project / "images" / "intranet.yaml").write_text("")
+    for name in ("images", "compose"):
+        shutil.copytree(PROJECT / name, project / name)
     (project / "cloudinit").mkdir()
     for name in ("meta-data", "network-config"):
         (project / "cloudinit" / f"{name}.j2").write_text((PROJECT / "cloudinit" / f"{name}.j2").read_text())
     user_data = (PROJECT / "cloudinit" / "user-data.j2").read_text().replace("lock_passwd: true", "lock_passwd: 1")
     (project / "cloudinit" / "user-data.j2").write_text(user_data)
     with pytest.raises(RenderError, match=r"^user-data \(intranet\): users\.0\.lock_passwd: 1 is not of type"):
-        render_seed(project, "intranet", site, {})
+        render_seed(project, "intranet", site, stack())
 
 
 def test_a_template_using_an_undefined_name_fails(site: Site, tmp_path: Path) -> None:
     project = tmp_path / "project"
-    (project / "images").mkdir(parents=True)
-    (project / "images" / "intranet.yaml").write_text("")
+    for name in ("images", "compose"):
+        shutil.copytree(PROJECT / name, project / name)
     (project / "cloudinit").mkdir()
     (project / "cloudinit" / "user-data.j2").write_text("#cloud-config\nhostname: {{ nope | yaml }}\n")
     with pytest.raises(RenderError, match=r"cloudinit/user-data\.j2: 'nope' is undefined"):
-        render_seed(project, "intranet", site, {})
+        render_seed(project, "intranet", site, stack())

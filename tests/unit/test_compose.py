@@ -157,8 +157,8 @@ def test_the_test_locks_are_synthetic_and_cover_exactly_the_real_images(role: st
 
 @pytest.mark.parametrize("role", known_roles(PROJECT))
 def test_real_stack_with_the_weak_test_secrets_is_refused(role: str, site: Site) -> None:
-    """tests/fixtures/site/test-secrets.yaml holds a deliberately nasty DB password (for quoting tests)."""
-    secrets = load_secrets(FIXTURES / "site" / "test-secrets.yaml")
+    """weak-secrets.yaml: a DB password Immich refuses, the other roles' secrets missing."""
+    secrets = load_secrets(FIXTURES / "compose" / "weak-secrets.yaml")
     lock = load_lock(REAL_LOCKS / f"{role}.json")
     with pytest.raises(DefinitionError, match=rf"^secrets file: {role}\.[A-Z_]+: "):
         check_stack(PROJECT, load_role(PROJECT, role), site, secrets, lock)

@@ -262,11 +262,15 @@ def test_a_failed_lock_keeps_the_previous_one(tmp_path: Path) -> None:
     assert path.read_text() == before
 
 
-def test_lock_role_refuses_the_fixture_stack_with_a_moving_tag() -> None:
-    # tests/fixtures/project's web stack uses nginx:stable: lock it and be told why not, before any registry call.
+def test_lock_role_refuses_a_stack_with_a_moving_tag(tmp_path: Path) -> None:
+    # A stack naming nginx:stable is refused with the reason, before any registry call.
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURES / "project", project)
+    compose = project / "compose" / "web" / "compose.yaml"
+    compose.write_text(compose.read_text().replace("docker.io/library/nginx:1.27.3", "nginx:stable"))
     inspect = FakeInspect()
     with pytest.raises(DefinitionError, match="cannot lock 'nginx:stable': name the registry"):
-        lock_role(FIXTURES / "project", "web", inspect)
+        lock_role(project, "web", inspect)
     assert inspect.asked == []
 
 

@@ -1,0 +1,33 @@
+"""VM-EXTRANET (the DMZ): Nginx Proxy Manager from baked images, healthy, on 80/443/81."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from testinfra.host import Host
+
+from . import stack
+
+
+def test_compose_config_is_valid(host: Host) -> None:
+    stack.compose_config_is_valid(host)
+
+
+def test_images_are_the_locked_ones(host: Host, expected: dict[str, Any]) -> None:
+    stack.images_are_the_locked_ones(host, expected)
+
+
+def test_every_service_is_running_and_healthy(host: Host) -> None:
+    stack.every_service_is_running_and_healthy(host, {"npm"})
+
+
+def test_published_ports_listen(host: Host) -> None:
+    stack.listening(host, [80, 443, 81, 9100])
+
+
+def test_env_files_are_private(host: Host) -> None:
+    stack.env_files_are_private(host, ["/etc/homelab/npm.env"])
+
+
+def test_nothing_is_pulled(host: Host) -> None:
+    stack.nothing_is_pulled(host)

@@ -1,0 +1,45 @@
+"""VM-INTRANET: its stack runs from baked images, every service healthy, only the users' ports published."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from testinfra.host import Host
+
+from . import stack
+
+SERVICES = {"jellyfin", "immich-server", "database", "valkey", "prometheus", "grafana"}
+
+
+def test_compose_config_is_valid(host: Host) -> None:
+    stack.compose_config_is_valid(host)
+
+
+def test_images_are_the_locked_ones(host: Host, expected: dict[str, Any]) -> None:
+    stack.images_are_the_locked_ones(host, expected)
+
+
+def test_every_service_is_running_and_healthy(host: Host) -> None:
+    stack.every_service_is_running_and_healthy(host, SERVICES)
+
+
+def test_published_ports_listen(host: Host) -> None:
+    stack.listening(host, [8096, 2283, 3000, 9090, 9100])
+
+
+def test_database_and_cache_are_not_published(host: Host) -> None:
+    for port in (5432, 6379):
+        assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening, port
+
+
+def test_env_files_are_private(host: Host) -> None:
+    stack.env_files_are_private(host, ["/etc/homelab/immich.env", "/etc/homelab/grafana.env"])
+
+
+def test_render_gid_is_resolved_on_the_vm(host: Host) -> None:
+    gid = host.check_output("getent group render | cut -d: -f3")
+    assert host.file("/run/homelab/stack.env").content_string.strip() == f"RENDER_GID={gid}"
+
+
+def test_nothing_is_pulled(host: Host) -> None:
+    stack.nothing_is_pulled(host)
