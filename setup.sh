@@ -10,7 +10,7 @@ apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils \
     debootstrap sudo kpartx gdisk dosfstools e2fsprogs squashfs-tools util-linux \
     curl ca-certificates xz-utils openssh-client procps \
-    skopeo docker-registry
+    skopeo docker-registry busybox-static
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -25,7 +25,7 @@ from . import __version__
 from .compose import check_stack
 from .definition import ImageDefinition, load_role
 from .errors import BuildError, CommandFailedError, NotRootError
-from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository
+from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository, skopeo_argv
 from .progress import Reporter, Silent
 from .runner import describe, require_tool, run, run_streaming
 from .settings import Settings
@@ -348,11 +348,8 @@ def fetch_image(settings: Settings, image: str, entry: LockEntry) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
-    env = dict(os.environ)
-    if settings.registries_conf is not None:
-        env["CONTAINERS_REGISTRIES_CONF"] = str(settings.registries_conf)
-    run(["skopeo", "--override-os", "linux", "--override-arch", "amd64", "copy", "--quiet",
-         f"docker://{repository(image)}@{entry.digest}", f"docker-archive:{partial}:{image}"], env=env, timeout=1800)
+    run(skopeo_argv("copy", "--quiet", f"docker://{repository(image)}@{entry.digest}",
+                    f"docker-archive:{partial}:{image}", registries_conf=settings.registries_conf), timeout=1800)
     got = archive_config_digest(partial)
     if got != entry.config_digest:
         partial.unlink(missing_ok=True)

@@ -225,6 +225,8 @@ def lock_cmd(state: State, role: str, registries_conf: str | None, no_tls_verify
     from .lock import lock_role, skopeo_inspect
 
     def inspect(image: str) -> dict[str, Any]:
-        return skopeo_inspect(image, registries_conf=_path(registries_conf), tls_verify=not no_tls_verify)
+        # TLS as the registries configuration says (a mirror marked insecure there is plain HTTP), unless refused.
+        tls_verify = False if no_tls_verify else None
+        return skopeo_inspect(image, registries_conf=_path(registries_conf), tls_verify=tls_verify)
 
     click.echo(lock_role(state.settings.project, role, inspect))

@@ -186,6 +186,9 @@ def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: in
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
+        # A GPU with a DRM render node (/dev/dri/renderD128) for kernels that have DRM: what the intranet's
+        # Jellyfin is given on Proxmox (the passed-through Intel GPU) exists locally too, minus VAAPI.
+        "-device", "virtio-gpu-pci",
         # The guest agent's port: the same name Proxmox gives it.
         "-chardev", f"socket,id=qga0,path={rundir / 'qga.sock'},server=on,wait=off",
         "-device", "virtio-serial-pci",

@@ -269,8 +269,8 @@ def lock_role(project: Path, role: str, inspect: Inspect) -> Path:
 # --- skopeo ----------------------------------------------------------------------------------------------------
 
 
-def _skopeo_json(argv: list[str], env: Mapping[str, str] | None, what: str) -> dict[str, Any]:
-    result = run(argv, env=env, timeout=SKOPEO_TIMEOUT)
+def _skopeo_json(argv: list[str], what: str) -> dict[str, Any]:
+    result = run(argv, timeout=SKOPEO_TIMEOUT)
     try:
         data = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -296,30 +296,42 @@ def is_manifest_list(manifest: Mapping[str, Any]) -> bool:
     return manifest.get("mediaType") in MANIFEST_LISTS or ("manifests" in manifest and "config" not in manifest)
 
 
-def skopeo_inspect(image: str, registries_conf: Path | None = None, tls_verify: bool = True) -> dict[str, Any]:
+def skopeo_argv(*args: str, registries_conf: Path | None = None) -> list[str]:
+    """`skopeo [--registries-conf FILE] --override-os linux --override-arch amd64 ARGS...`: the VMs' platform.
+
+    `registries_conf` replaces the system's containers-registries.conf(5) (e.g. one rewriting docker.io and ghcr.io
+    to a mirror on loopback that serves stand-ins under the real names). It is given with skopeo's global
+    `--registries-conf` option, never the CONTAINERS_REGISTRIES_CONF environment variable: Debian's skopeo 1.9
+    ignores that variable and would silently ask the real registries.
+    """
+    os_name, architecture = PLATFORM
+    conf = ["--registries-conf", str(registries_conf)] if registries_conf is not None else []
+    return ["skopeo", *conf, "--override-os", os_name, "--override-arch", architecture, *args]
+
+
+def skopeo_inspect(
+    image: str, registries_conf: Path | None = None, tls_verify: bool | None = None
+) -> dict[str, Any]:
     """`skopeo inspect docker://IMAGE`'s JSON plus "ConfigDigest": the linux/amd64 image's config digest.
 
     skopeo documents `Digest` as the top-level manifest's digest (a manifest list's for a multi-arch image) and the
     other values as those of the platform's image. The config digest comes from the raw manifests: the tag's (by
     that digest, so a tag moved meanwhile cannot mix two images), then, for a list, the linux/amd64 instance's.
-    `registries_conf` replaces the registries configuration (CONTAINERS_REGISTRIES_CONF), e.g. a mirror on
-    loopback serving stand-ins under the real names.
+    `registries_conf`: see skopeo_argv. `tls_verify` None leaves TLS to the registries configuration (a registry
+    marked `insecure = true` there is spoken to over plain HTTP); True or False forces it, and True overrides
+    `insecure = true`.
     """
-    env = None
-    if registries_conf is not None:
-        env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registries_conf)}
-    os_name, architecture = PLATFORM
-    base = ["skopeo", "--override-os", os_name, "--override-arch", architecture, "inspect",
-            f"--tls-verify={'true' if tls_verify else 'false'}"]
-    info = _skopeo_json([*base, "--no-tags", f"docker://{image}"], env, image)
+    tls = [] if tls_verify is None else [f"--tls-verify={'true' if tls_verify else 'false'}"]
+    base = skopeo_argv("inspect", *tls, registries_conf=registries_conf)
+    info = _skopeo_json([*base, "--no-tags", f"docker://{image}"], image)
     digest = info.get("Digest")
     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise LockError(f"{image}: skopeo gave no sha256 manifest digest (Digest: {digest!r})")
     repo = repository(image)
-    manifest = _skopeo_json([*base, "--raw", f"docker://{repo}@{digest}"], env, image)
+    manifest = _skopeo_json([*base, "--raw", f"docker://{repo}@{digest}"], image)
     if is_manifest_list(manifest):
         instance = platform_instance(manifest, image)
-        manifest = _skopeo_json([*base, "--raw", f"docker://{repo}@{instance}"], env, image)
+        manifest = _skopeo_json([*base, "--raw", f"docker://{repo}@{instance}"], image)
     config = manifest.get("config")
     config_digest = config.get("digest") if isinstance(config, dict) else None
     if not isinstance(config_digest, str) or not DIGEST.fullmatch(config_digest):

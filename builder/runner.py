@@ -32,6 +32,9 @@ TOOL_PACKAGES = {
     "partx": "util-linux",
     "skopeo": "skopeo",
     "docker-registry": "docker-registry",
+    "busybox": "busybox-static",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
     "virtiofsd": "qemu-system-common",
 }
 STDERR_TAIL_LINES = 12

@@ -1,35 +1,75 @@
 """VM tests: real builds and real QEMU boots. One VM per test class, kept on failure when asked.
 
-HOMELAB_KEEP_VM=on_error leaves a failed class's VM running for a look (`ssh -F build/<role>/run/ssh_config
+The stacks' container images come from stand-ins (tests/standins) served under their real names by a
+registry on loopback: the session locks a copy of the project against it with the real `homelab lock`,
+then builds from that copy. Only the registry differs from an owner's build.
+
+HOMELAB_KEEP_VM=on_error leaves a failed class's VM running for a look (`ssh -F <build>/<role>/run/ssh_config
 homelab-<role>`), like cloud-init's KEEP_INSTANCE=ON_ERROR; HOMELAB_KEEP_VM=always keeps every VM.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from builder import localvm
+from builder.definition import known_roles
 from builder.settings import Settings, load_settings
+from tests.standins.images import build_standins, push_standins
+from tests.standins.registry import LoopbackRegistry
 
 PROJECT = Path(__file__).resolve().parents[2]
 TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
 TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
 HOMELAB = [sys.executable, "-m", "builder"]
+# Kept between sessions so that an unchanged project rebuilds nothing.
+WORK = Path(os.environ.get("HOMELAB_VM_TEST_DIR", "/var/tmp/homelab-vm-tests"))
 
 
 def homelab(*args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI, as a user would."""
+    """Run the real CLI, as a user would (on the session's project copy, see `stack_project`)."""
     proc = subprocess.run([*HOMELAB, *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT,
                           check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"homelab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _copy_project(dest: Path) -> None:
+    for name in ("images", "compose", "cloudinit"):
+        shutil.rmtree(dest / name, ignore_errors=True)
+        shutil.copytree(PROJECT / name, dest / name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack_project() -> Iterator[Path]:
+    """A copy of the project whose stacks are locked against stand-ins on a loopback registry."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    project = WORK / "project"
+    _copy_project(project)
+    saved = {k: os.environ.get(k) for k in ("HOMELAB_PROJECT", "HOMELAB_BUILD_DIR", "HOMELAB_REGISTRIES_CONF")}
+    with tempfile.TemporaryDirectory(prefix="standins-", dir=WORK) as tmp, LoopbackRegistry(Path(tmp)) as registry:
+        push_standins(registry, build_standins(Path(tmp) / "archives"))
+        os.environ.update({"HOMELAB_PROJECT": str(project), "HOMELAB_BUILD_DIR": str(WORK / "build"),
+                           "HOMELAB_REGISTRIES_CONF": str(registry.registries_conf)})
+        try:
+            for role in known_roles(project):
+                homelab("lock", role, "--registries-conf", str(registry.registries_conf))
+            yield project
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -41,8 +81,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return load_settings()
+def settings(stack_project: Path) -> Settings:
+    return load_settings(stack_project)
 
 
 @pytest.fixture(scope="class")

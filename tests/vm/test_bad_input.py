@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PROJECT, TEST_SITE, homelab
+from .conftest import TEST_SITE, homelab
 
 pytestmark = pytest.mark.vm
 
 
-def _project_copy(tmp_path: Path) -> Path:
+def _project_copy(source: Path, tmp_path: Path) -> Path:
     root = tmp_path / "project"
     for name in ("images", "compose", "cloudinit"):
-        shutil.copytree(PROJECT / name, root / name)
+        shutil.copytree(source / name, root / name)
     return root
 
 
-def test_a_failing_diskimage_builder_run_leaves_nothing_at_the_final_paths(tmp_path: Path) -> None:
-    root = _project_copy(tmp_path)
+def test_a_failing_diskimage_builder_run_leaves_nothing_at_the_final_paths(stack_project: Path, tmp_path: Path) -> None:
+    root = _project_copy(stack_project, tmp_path)  # locked against the stand-ins
     definition = root / "images" / "extranet.yaml"
     definition.write_text(definition.read_text() + "elements: [no-such-element]\n")
     build_dir = tmp_path / "build"
