@@ -153,7 +153,9 @@ def dib_environment(
         "DIB_DEBIAN_SECURITY_MIRROR": settings.security_mirror,
         "DIB_CLOUD_INIT_DATASOURCES": "NoCloud, ConfigDrive, None",
         # net.ifnames=0: the NIC is eth0 under QEMU and on Proxmox alike, so one network-config fits.
-        "DIB_BOOTLOADER_DEFAULT_CMDLINE": "nofb nomodeset gfxpayload=text net.ifnames=0",
+        # No `nomodeset` (DIB's default): it stops every DRM driver, so the intranet's passed-through Intel GPU
+        # (i915) would give Jellyfin no /dev/dri render node.
+        "DIB_BOOTLOADER_DEFAULT_CMDLINE": "nofb gfxpayload=text net.ifnames=0",
         "DIB_BOOTLOADER_SERIAL_CONSOLE": "ttyS0,115200",
         # An immutable image has nothing to choose at the boot menu; every second counts at a swap.
         "DIB_GRUB_TIMEOUT": "1",

@@ -7,7 +7,8 @@ from typing import Any
 
 from testinfra.host import Host
 
-COMPOSE = "sudo docker compose --project-name homelab --env-file /run/homelab/stack.env -f /opt/homelab/compose/compose.yaml"
+COMPOSE = ("sudo docker compose --project-name homelab --env-file /run/homelab/stack.env"
+           " -f /opt/homelab/compose/compose.yaml")
 
 
 def compose_config_is_valid(host: Host) -> None:

@@ -41,5 +41,13 @@ def test_render_gid_is_resolved_on_the_vm(host: Host) -> None:
     assert host.file("/run/homelab/stack.env").content_string.strip() == f"RENDER_GID={gid}"
 
 
+def test_gpu_render_node_for_jellyfin(host: Host) -> None:
+    # VAAPI needs a DRM render node: no `nomodeset` on the kernel command line, the generic kernel's driver bound
+    # (i915 for the passed-through GPU on Proxmox, virtio_gpu under local QEMU), the node owned by group render.
+    assert "nomodeset" not in host.file("/proc/cmdline").content_string
+    node = host.file("/dev/dri/renderD128")
+    assert node.exists and node.group == "render"
+
+
 def test_nothing_is_pulled(host: Host) -> None:
     stack.nothing_is_pulled(host)

@@ -30,8 +30,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
 TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
 HOMELAB = [sys.executable, "-m", "builder"]
-# Kept between sessions so that an unchanged project rebuilds nothing.
-WORK = Path(os.environ.get("HOMELAB_VM_TEST_DIR", "/var/tmp/homelab-vm-tests"))
+# Each session builds afresh in its own directory (the package-layer cache in ~/.cache/homelab still applies);
+# HOMELAB_VM_TEST_DIR names a directory to keep and reuse instead (an unchanged project then rebuilds nothing).
+KEEP_WORK = os.environ.get("HOMELAB_VM_TEST_DIR")
 
 
 def homelab(*args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -52,13 +53,14 @@ def _copy_project(dest: Path) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def stack_project() -> Iterator[Path]:
     """A copy of the project whose stacks are locked against stand-ins on a loopback registry."""
-    WORK.mkdir(parents=True, exist_ok=True)
-    project = WORK / "project"
+    work = Path(KEEP_WORK) if KEEP_WORK else Path(tempfile.mkdtemp(prefix="homelab-vm-tests-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    project = work / "project"
     _copy_project(project)
     saved = {k: os.environ.get(k) for k in ("HOMELAB_PROJECT", "HOMELAB_BUILD_DIR", "HOMELAB_REGISTRIES_CONF")}
-    with tempfile.TemporaryDirectory(prefix="standins-", dir=WORK) as tmp, LoopbackRegistry(Path(tmp)) as registry:
+    with tempfile.TemporaryDirectory(prefix="standins-", dir=work) as tmp, LoopbackRegistry(Path(tmp)) as registry:
         push_standins(registry, build_standins(Path(tmp) / "archives"))
-        os.environ.update({"HOMELAB_PROJECT": str(project), "HOMELAB_BUILD_DIR": str(WORK / "build"),
+        os.environ.update({"HOMELAB_PROJECT": str(project), "HOMELAB_BUILD_DIR": str(work / "build"),
                            "HOMELAB_REGISTRIES_CONF": str(registry.registries_conf)})
         try:
             for role in known_roles(project):
@@ -70,6 +72,8 @@ def stack_project() -> Iterator[Path]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            if not KEEP_WORK and os.environ.get("HOMELAB_KEEP_VM") is None:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

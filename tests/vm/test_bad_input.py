@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TEST_SITE, homelab
+from .conftest import TEST_SECRETS, TEST_SITE, homelab
 
 pytestmark = pytest.mark.vm
 
@@ -41,7 +41,8 @@ def test_a_failing_diskimage_builder_run_leaves_nothing_at_the_final_paths(stack
 
 def test_qemu_failing_to_start_is_one_line_with_its_reason() -> None:
     homelab("build", "image", "extranet")
-    proc = homelab("boot", "extranet", "--site", str(TEST_SITE), "--memory", "100000000", check=False)
+    proc = homelab("boot", "extranet", "--site", str(TEST_SITE), "--secrets", str(TEST_SECRETS), "--memory",
+                   "100000000", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: QEMU did not start: ")
     assert "Traceback" not in proc.stderr
