@@ -27,7 +27,7 @@ from typing import Any
 from .definition import load_role
 from .errors import DefinitionError, LockError
 from .runner import run
-from .yamlload import load_located
+from .yamlload import load_located, read_input
 
 LOCK_NAME = "images.lock.json"
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -134,12 +134,7 @@ def load_lock(
 ) -> Lock:
     """Read and validate a lock file; with `images` (the stack's), an image the stack does not use is an error."""
     shown = display(path, project)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DefinitionError(f"{shown}: file not found") from None
-    except OSError as exc:
-        raise DefinitionError(f"{shown}: cannot read: {exc.strerror}") from None
+    text = read_input(path, shown)
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:

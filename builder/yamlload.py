@@ -59,14 +59,20 @@ def dotted(keypath: KeyPath) -> str:
     return _dotted(keypath)
 
 
+def read_input(path: Path, shown: str | None = None) -> str:
+    """A project or user file's text; missing or unreadable is one DefinitionError line naming it (as `shown`)."""
+    name = shown if shown is not None else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DefinitionError(f"{name}: file not found") from None
+    except OSError as exc:
+        raise DefinitionError(f"{name}: cannot read: {exc.strerror}") from None
+
+
 def load_located(path: Path) -> Located:
     """Parse a YAML file; a syntax error or a missing file becomes one DefinitionError line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DefinitionError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
+    text = read_input(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
