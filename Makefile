@@ -14,7 +14,7 @@ test:
 	$(PYTEST) tests
 
 test-unit:
-	$(PYTEST) -m "not vm" tests
+	$(PYTEST) -m "not vm and not host" tests
 
 lint:
 	$(VENV)/bin/ruff check builder tests bench

@@ -9,6 +9,7 @@ units), built by the same builder; both boot under the same accelerator with the
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import yaml
 
@@ -17,11 +18,12 @@ from builder import localvm
 from builder.build import execute_build, plan_build
 
 TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
+TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
 
 
 def boot_times(settings: localvm.Settings, role: str) -> tuple[float, float]:
     localvm.stop(settings, role)
-    state = localvm.boot(settings, role, localvm.BootOptions(site_path=TEST_SITE))
+    state = localvm.boot(settings, role, localvm.BootOptions(site_path=TEST_SITE, secrets_path=TEST_SECRETS))
     localvm.stop(settings, role)
     return state.ssh_seconds, state.cloud_init_seconds
 
@@ -33,7 +35,9 @@ def main(role: str = "extranet") -> None:
         minimal = {key: definition[key] for key in ("description", "base", "kernel", "vm")}
         # Same role name (the site's host entry and seed are the same); a separate build directory.
         (images / f"{role}.yaml").write_text(yaml.safe_dump(minimal))
-        execute_build(settings, plan_build(settings, role))
+        # Its own cache: the minimal build's package layer must not replace the role's real one.
+        minimal_settings = replace(settings, cache_dir=settings.build_dir / "minimal-cache")
+        execute_build(minimal_settings, plan_build(minimal_settings, role))
         minimal_ssh, minimal_ci = boot_times(settings, role)
         (images / f"{role}.yaml").write_text(yaml.safe_dump(definition))
         execute_build(settings, plan_build(settings, role))

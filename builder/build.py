@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -254,7 +255,7 @@ def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPla
 def check_prerequisites(ctx: BuildContext) -> None:
     if os.geteuid() != 0:
         raise NotRootError("building an image needs root (loop devices, chroot, mounts): run as root")
-    for tool in ("qemu-img", "debootstrap", "sudo", "sgdisk", "partx"):
+    for tool in ("qemu-img", "debootstrap", "sudo", "sgdisk", "kpartx", "dmsetup"):
         require_tool(tool)
     out_dir = ctx.plan.qcow2.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,13 +351,18 @@ def fetch_image(settings: Settings, image: str, entry: LockEntry) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
-    run(skopeo_argv("copy", "--quiet", f"docker://{repository(image)}@{entry.digest}",
-                    f"docker-archive:{partial}:{image}", registries_conf=settings.registries_conf), timeout=1800)
-    got = archive_config_digest(partial)
-    if got != entry.config_digest:
+    try:
+        run(skopeo_argv("copy", "--quiet", f"docker://{repository(image)}@{entry.digest}",
+                        f"docker-archive:{partial}:{image}", registries_conf=settings.registries_conf), timeout=1800)
+        try:
+            got = archive_config_digest(partial)
+        except (tarfile.TarError, KeyError, ValueError, IndexError) as exc:
+            raise BuildError(f"{image}@{entry.digest}: skopeo wrote an unreadable archive: {exc}") from None
+        if got != entry.config_digest:
+            raise BuildError(f"{image}@{entry.digest} loads as {got}, but the lock says {entry.config_digest}")
+        os.replace(partial, cached)
+    finally:
         partial.unlink(missing_ok=True)
-        raise BuildError(f"{image}@{entry.digest} loads as {got}, but the lock says {entry.config_digest}")
-    os.replace(partial, cached)
     return cached
 
 
@@ -468,9 +474,13 @@ def keep_package_layer(ctx: BuildContext) -> None:
         raise BuildError(f"diskimage-builder wrote no root tarball at {produced}")
     layer = ctx.plan.layer
     layer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layer.with_suffix(".tmp")
-    shutil.move(produced, tmp)
-    os.replace(tmp, layer)
+    # A name of this build's own: two builds of one role never write the same temporary file.
+    tmp = layer.with_name(f".{layer.name}.{os.getpid()}.tmp")
+    try:
+        shutil.move(produced, tmp)
+        os.replace(tmp, layer)
+    finally:
+        tmp.unlink(missing_ok=True)
     own_layer = re.compile(rf"{re.escape(ctx.plan.role)}-[0-9a-f]{{16}}\.tar")
     for old in layer.parent.glob(f"{ctx.plan.role}-*.tar"):
         # Only this role's layers: role "web" must not take "web-proxy"'s.
@@ -506,16 +516,31 @@ def execute_build(
     reporter = reporter or Silent()
     if is_built(plan) and not force:
         reporter.info(f"{plan.qcow2.name} is up to date (inputs unchanged); --force rebuilds it")
+        # It is the build of the current inputs again: the one boot and verify take as the latest.
+        os.utime(plan.manifest)
         return BuildResult(plan.qcow2, plan.manifest, plan.version, skipped=True)
     ctx = BuildContext(settings=settings, plan=plan, reporter=reporter)
     try:
         for name, step in BUILD_STEPS:
             with reporter.step(name):
                 step(ctx)
-    finally:
-        if ctx.workdir != Path() and ctx.workdir.exists():
-            remove_workdir(ctx.workdir)
+    except BaseException:
+        _remove_quietly(ctx.workdir)
+        raise
+    _remove_quietly(ctx.workdir, raise_errors=True)
     return BuildResult(plan.qcow2, plan.manifest, plan.version, skipped=False)
+
+
+def _remove_quietly(workdir: Path, raise_errors: bool = False) -> None:
+    """Remove the work directory; after a failed build a cleanup problem is logged, never hiding the failure."""
+    if workdir == Path() or not workdir.exists():
+        return
+    try:
+        remove_workdir(workdir)
+    except BuildError:
+        if raise_errors:
+            raise
+        logging.getLogger("homelab.build").warning("could not remove %s", workdir, exc_info=True)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -533,6 +558,11 @@ def remove_workdir(workdir: Path) -> None:
     if leftover:
         raise BuildError(f"{workdir} still has mounts ({leftover[0]}...): unmount them, then delete it")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def manifest_of(image: Path) -> Path:
+    """ROLE-VERSION.qcow2 -> ROLE-VERSION.manifest.json beside it."""
+    return image.with_name(image.name.removesuffix(".qcow2") + ".manifest.json")
 
 
 def latest_build(settings: Settings, role: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,13 @@ def main(ctx: click.Context, debug: bool) -> None:
         stream=sys.stderr,
     )
     ctx.obj = State(debug)
+    # A killed build must still clean up (DIB's mounts, its work directory): SIGTERM/SIGHUP act like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @main.group()

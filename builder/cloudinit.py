@@ -34,8 +34,6 @@ SEED_FILES = (
     ("/META_DATA.;1", "meta-data", "meta_data"),
     ("/NETWORK_CONFIG.;1", "network-config", "network_config"),
 )
-HOST_JSON = "/etc/homelab/host.json"
-SECRETS_ENV = "/etc/homelab/secrets.env"
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,28 @@ def load_role(project: Path, role: str) -> ImageDefinition:
     return load_definition(definition_path(project, role), project, role)
 
 
+# Destinations the build itself writes: a definition's file must not replace them.
+RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list")
+RESERVED_TREES = ("/opt/homelab/compose/", "/var/lib/homelab/images/")
+
+
+def _destination_problem(dest: str) -> str | None:
+    if dest.endswith("/") or ".." in dest.split("/"):
+        return "must name a file by its absolute path, without '..'"
+    if dest in RESERVED_DESTINATIONS or dest.startswith(RESERVED_TREES):
+        return "is written by the build itself"
+    return None
+
+
 def _check_sources_exist(values: dict[str, Any], project: Path, doc: Any) -> None:
+    seen: set[str] = set()
     for i, entry in enumerate(values["files"]):
+        problem = _destination_problem(entry["dest"])
+        if entry["dest"] in seen:
+            problem = "is given twice"
+        if problem:
+            raise DefinitionError(f"{doc.where(('files', i, 'dest'))}: files[{i}].dest: {entry['dest']!r} {problem}")
+        seen.add(entry["dest"])
         if not (project / entry["src"]).is_file():
             raise DefinitionError(f"{doc.where(('files', i, 'src'))}: files[{i}].src: no such file {entry['src']!r}")
     compose = values.get("compose")

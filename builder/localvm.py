@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import qmp
-from .build import latest_build
+from .build import latest_build, manifest_of
 from .cloudinit import HostNetwork, render_seed, write_seed_iso
 from .errors import BootError, HomelabError
 from .progress import Reporter, Silent
@@ -75,10 +75,6 @@ def run_dir(settings: Settings, role: str) -> Path:
     return settings.role_dir(role) / "run"
 
 
-def _state_file(settings: Settings, role: str) -> Path:
-    return run_dir(settings, role) / "state.json"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,7 +91,7 @@ def _alive(pid: int) -> bool:
 def running_vm(settings: Settings, role: str) -> VMState | None:
     """The local VM of a role if its QEMU is still running."""
     try:
-        state = VMState(**json.loads(_state_file(settings, role).read_text()))
+        state = VMState(**json.loads((run_dir(settings, role) / "state.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
     return state if _alive(state.pid) else None
@@ -231,7 +227,7 @@ def _image_and_manifest(settings: Settings, role: str, image: Path | None) -> tu
         if latest is None:
             raise HomelabError(f"no image of {role} built yet: run `homelab build image {role}` first")
         return Path(latest["path"]), latest
-    manifest_path = image.with_name(image.name.removesuffix(".qcow2") + ".manifest.json")
+    manifest_path = manifest_of(image)
     if not image.is_file():
         raise HomelabError(f"image {image} does not exist")
     try:
@@ -305,6 +301,9 @@ def _launch(state: VMState, memory: int, cores: int) -> VMState:
     try:
         qmp.wait_for_monitor(state.qmp_socket, 30, lambda: proc.poll() is None)
     except BootError:
+        # Never leave a QEMU running without a state file (down could not find it, boot would reuse its overlay).
+        proc.kill()
+        proc.wait()
         log_text = (rundir / "qemu.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise BootError(f"QEMU did not start: {' | '.join(log_text) or 'no output'}") from None
     _state_path(state).write_text(json.dumps(asdict(state), indent=2) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +81,3 @@ class Silent(Reporter):
         self.steps.append(name)
         yield
 
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

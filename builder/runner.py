@@ -85,6 +85,8 @@ def run(
             cwd=cwd,
             timeout=timeout,
             input=input_text,
+            # Never the caller's stdin (ssh would read it): input_text or nothing.
+            stdin=None if input_text is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             errors="replace",

@@ -7,6 +7,7 @@ suite reads what to expect (role, hostname, address, baked files) from a JSON co
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import localvm
-from .build import latest_build
+from .build import latest_build, manifest_of
 from .errors import HomelabError, VerifyError
 from .progress import Reporter, Silent
 from .runner import run_streaming
@@ -61,7 +62,7 @@ def verify(settings: Settings, role: str, options: VerifyOptions, reporter: Repo
 
 
 def _local_context(settings: Settings, state: localvm.VMState) -> dict[str, Any]:
-    manifest_path = Path(state.image).with_name(Path(state.image).name.removesuffix(".qcow2") + ".manifest.json")
+    manifest_path = manifest_of(Path(state.image))
     manifest = json.loads(manifest_path.read_text())
     return {
         "role": state.role, "hostname": state.hostname, "address": state.address, "user": state.user,
@@ -90,10 +91,12 @@ def _run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: st
         context_file = Path(handle.name)
     junit = out_dir / "junit.xml"
     argv = [sys.executable, "-m", "pytest", *map(str, suite_files(role)), f"--hosts={hosts}",
-            "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", "--rootdir", str(SUITES)]
+            "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", "--rootdir", str(SUITES),
+            # Only the suites' own conftest: the unit tests' process guard would refuse testinfra's ssh backend.
+            "--confcutdir", str(SUITES)]
     if ssh_config is not None:
         argv.append(f"--ssh-config={ssh_config}")
-    env = {**_environ(), "HOMELAB_VERIFY_CONTEXT": str(context_file)}
+    env = {**os.environ, "HOMELAB_VERIFY_CONTEXT": str(context_file)}
     try:
         with reporter.step(f"Verify {role} (testinfra)"):
             run_streaming(argv, log_file=out_dir / "verify.log", on_line=reporter.info, env=env,
@@ -104,8 +107,3 @@ def _run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: st
         context_file.unlink(missing_ok=True)
     return junit
 
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)

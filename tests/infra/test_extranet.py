@@ -29,5 +29,5 @@ def test_env_files_are_private(host: Host) -> None:
     stack.env_files_are_private(host, ["/etc/homelab/npm.env"])
 
 
-def test_nothing_is_pulled(host: Host) -> None:
-    stack.nothing_is_pulled(host)
+def test_nothing_is_pulled(host: Host, expected: dict[str, Any]) -> None:
+    stack.nothing_is_pulled(host, expected)

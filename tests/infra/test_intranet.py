@@ -49,5 +49,5 @@ def test_gpu_render_node_for_jellyfin(host: Host) -> None:
     assert node.exists and node.group == "render"
 
 
-def test_nothing_is_pulled(host: Host) -> None:
-    stack.nothing_is_pulled(host)
+def test_nothing_is_pulled(host: Host, expected: dict[str, Any]) -> None:
+    stack.nothing_is_pulled(host, expected)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from builder import localvm
+from builder.build import remove_workdir
 from builder.definition import known_roles
 from builder.settings import Settings, load_settings
 from tests.standins.images import build_standins, push_standins
@@ -73,7 +74,7 @@ def stack_project() -> Iterator[Path]:
                 else:
                     os.environ[key] = value
             if not KEEP_WORK and os.environ.get("HOMELAB_KEEP_VM") is None:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_workdir(work)  # refuses while a killed build left mounts (host /dev) under it
 
 
 @pytest.hookimpl(hookwrapper=True)
