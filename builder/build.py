@@ -560,6 +560,14 @@ def remove_workdir(workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def build_image(
+    settings: Settings, role: str, reporter: Reporter | None = None, force: bool = False, refresh: bool = False
+) -> BuildResult:
+    """`homelab build image ROLE`: plan, then build unless up to date (--refresh: full build, always)."""
+    plan = plan_build(settings, role, refresh=refresh)
+    return execute_build(settings, plan, reporter, force=force or refresh)
+
+
 def manifest_of(image: Path) -> Path:
     """ROLE-VERSION.qcow2 -> ROLE-VERSION.manifest.json beside it."""
     return image.with_name(image.name.removesuffix(".qcow2") + ".manifest.json")

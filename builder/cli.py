@@ -95,11 +95,10 @@ def build_image(state: State, role: str, dry_run: bool, force: bool, refresh: bo
     A full build (debootstrap + packages) leaves a package layer in the cache; later builds of the
     same package set start from it for a day (only baked files, bootloader and image are redone).
     """
-    plan = build_lib.plan_build(state.settings, role, refresh=refresh)
     if dry_run:
-        click.echo(plan.describe())
+        click.echo(build_lib.plan_build(state.settings, role, refresh=refresh).describe())
         return
-    result = build_lib.execute_build(state.settings, plan, state.reporter, force=force or refresh)
+    result = build_lib.build_image(state.settings, role, state.reporter, force=force, refresh=refresh)
     click.echo(f"{result.qcow2}\n{result.manifest}")
 
 
@@ -118,22 +117,6 @@ def _path(value: str | None) -> Path | None:
 
 # --- local VMs ---------------------------------------------------------------------------------------
 
-def _default_site(settings: Settings) -> Path:
-    import os
-
-    return Path(os.environ.get("HOMELAB_SITE") or settings.project / "site.yaml")
-
-
-def _default_secrets(settings: Settings) -> Path | None:
-    import os
-
-    explicit = os.environ.get("HOMELAB_SECRETS")
-    if explicit:
-        return Path(explicit)
-    path = settings.project / "secrets.yaml"
-    return path if path.exists() else None
-
-
 site_option = click.option("--site", "site", type=click.Path(dir_okay=False), default=None,
                            help="Site file (default: $HOMELAB_SITE or site.yaml).")
 secrets_option = click.option("--secrets", "secrets", type=click.Path(dir_okay=False), default=None,
@@ -151,17 +134,13 @@ accel_option = click.option("--accel", type=click.Choice(["kvm", "tcg"]), defaul
 @handle_errors
 def render(state: State, role: str, site: str | None, secrets: str | None, iso: str | None) -> None:
     """Print the cloud-init user-data, meta-data and network-config of ROLE (validated)."""
-    from .cloudinit import render_seed, write_seed_iso
-    from .site import load_secrets, load_site
+    from .cloudinit import render_role
 
-    site_file = load_site(_path(site) or _default_site(state.settings))
-    seed = render_seed(state.settings.project, role, site_file,
-                       load_secrets(_path(secrets) or _default_secrets(state.settings)))
+    seed = render_role(state.settings.project, role, state.settings.site_path(_path(site)),
+                       state.settings.secrets_path(_path(secrets)), iso=_path(iso))
     for name, text in (("user-data", seed.user_data), ("meta-data", seed.meta_data),
                        ("network-config", seed.network_config)):
         click.echo(f"# --- {name}\n{text.rstrip()}")
-    if iso:
-        write_seed_iso(seed, Path(iso))
 
 
 @main.command("boot")
@@ -179,8 +158,8 @@ def boot_cmd(state: State, role: str, site: str | None, secrets: str | None, acc
     from . import localvm
 
     vm = localvm.boot(state.settings, role, localvm.BootOptions(
-        site_path=_path(site) or _default_site(state.settings),
-        secrets_path=_path(secrets) or _default_secrets(state.settings),
+        site_path=state.settings.site_path(_path(site)),
+        secrets_path=state.settings.secrets_path(_path(secrets)),
         image=_path(image), accel=accel, memory_mb=memory_mb), state.reporter)
     click.echo(f"{role} {vm.version} is up under {vm.accel.upper()}: ssh after {vm.ssh_seconds:.0f} s, cloud-init "
                f"done after {vm.cloud_init_seconds:.0f} s (serial log: {vm.serial_log})")
@@ -215,8 +194,8 @@ def verify_cmd(state: State, role: str, site: str | None, secrets: str | None, a
     from .verify import VerifyOptions, verify
 
     junit = verify(state.settings, role, VerifyOptions(
-        site_path=_path(site) or _default_site(state.settings),
-        secrets_path=_path(secrets) or _default_secrets(state.settings),
+        site_path=state.settings.site_path(_path(site)),
+        secrets_path=state.settings.secrets_path(_path(secrets)),
         host=host, keep=keep, accel=accel), state.reporter)
     click.echo(f"{role}: verified (report: {junit})")
 

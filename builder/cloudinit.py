@@ -22,7 +22,7 @@ import yaml
 from .compose import PROMETHEUS_SCRAPER, PROMETHEUS_TARGETS, check_stack, prometheus_node_targets, role_env_files
 from .definition import load_role
 from .errors import RenderError
-from .site import Site, ssh_key_problem
+from .site import Site, load_secrets, load_site, ssh_key_problem
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 TEMPLATES = "cloudinit"
@@ -164,6 +164,14 @@ def render_seed(
     meta_data = _render(env, "meta-data", {"instance_id": instance_id(role, user_data, network_config),
                                            "hostname": host.hostname})
     return Seed(user_data=user_data, meta_data=meta_data, network_config=network_config)
+
+
+def render_role(project: Path, role: str, site_path: Path, secrets_path: Path | None, iso: Path | None = None) -> Seed:
+    """`homelab render`: the role's seed from the site and secrets files, validated; written as an ISO if asked."""
+    seed = render_seed(project, role, load_site(site_path), load_secrets(secrets_path))
+    if iso is not None:
+        write_seed_iso(seed, iso)
+    return seed
 
 
 def stack_files(role: str, site: Site, secrets: Mapping[str, Mapping[str, str]]) -> list[dict[str, str]]:

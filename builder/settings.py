@@ -25,6 +25,19 @@ class Settings:
     def role_dir(self, role: str) -> Path:
         return self.build_dir / role
 
+    def site_path(self, given: Path | None = None) -> Path:
+        """The site file: given, else $HOMELAB_SITE, else site.yaml in the project."""
+        return given or Path(os.environ.get("HOMELAB_SITE") or self.project / "site.yaml")
+
+    def secrets_path(self, given: Path | None = None) -> Path | None:
+        """The secrets file: given, else $HOMELAB_SECRETS, else secrets.yaml in the project if it exists."""
+        if given is not None:
+            return given
+        if os.environ.get("HOMELAB_SECRETS"):
+            return Path(os.environ["HOMELAB_SECRETS"])
+        default = self.project / "secrets.yaml"
+        return default if default.exists() else None
+
 
 def default_project() -> Path:
     """The checkout this package lives in (the tool always works on its own repository)."""
