@@ -19,7 +19,14 @@ import jsonschema
 import pycdlib
 import yaml
 
-from .compose import PROMETHEUS_SCRAPER, PROMETHEUS_TARGETS, check_stack, prometheus_node_targets, role_env_files
+from .compose import (
+    PROMETHEUS_SCRAPER,
+    PROMETHEUS_TARGETS,
+    check_stack,
+    merged_secrets,
+    prometheus_node_targets,
+    role_env_files,
+)
 from .definition import load_role
 from .errors import RenderError
 from .site import Site, load_secrets, load_site, ssh_key_problem
@@ -94,7 +101,7 @@ def _render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> s
 
 def secrets_env(role: str, secrets: Mapping[str, Mapping[str, str]]) -> str:
     """KEY=value lines, common first; a role's value replaces a common one of the same name."""
-    merged = {**secrets.get("common", {}), **secrets.get(role, {})}
+    merged = merged_secrets(role, secrets)
     for name, value in merged.items():
         if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
             raise RenderError(f"secret {name} of {role}: must be a one-line string (it becomes a KEY=value line)")
@@ -143,7 +150,7 @@ def render_seed(
     check_stack(project, definition, site, secrets, require_lock=False)
     host = site.host(role)
     net = _network(site, role, network)
-    fqdn = f"{host.hostname}.{site.domain}"
+    fqdn = site.fqdn(role)
     host_info = {"role": role, "hostname": host.hostname, "fqdn": fqdn, "address": net.address}
     env = _environment(project)
     user_data = _render(env, "user-data", {
