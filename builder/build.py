@@ -26,6 +26,7 @@ from . import __version__
 from .compose import check_stack
 from .definition import ImageDefinition, load_role
 from .errors import BuildError, CommandFailedError, NotRootError
+from .firewall import RULESET_DEST, ruleset
 from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository, skopeo_argv
 from .progress import Reporter, Silent
 from .runner import describe, require_tool, run, run_streaming
@@ -123,6 +124,19 @@ def baked_sources(definition: ImageDefinition, project: Path) -> dict[str, tuple
         for rel in _tree_hashes(compose_root):
             baked[f"{COMPOSE_DEST}/{rel}"] = (compose_root / rel, "0644")
     return baked
+
+
+def generated_files(definition: ImageDefinition) -> dict[str, tuple[bytes, str]]:
+    """Destination in the image -> (content, mode) for what the build writes from the definition itself."""
+    return {RULESET_DEST: (ruleset(definition).encode(), "0644")}
+
+
+def baked_hashes(definition: ImageDefinition, project: Path) -> dict[str, str]:
+    """Destination -> sha256 of everything baked: project files and generated files alike."""
+    hashes = {dest: sha256_file(src) for dest, (src, _mode) in baked_sources(definition, project).items()}
+    hashes.update({dest: hashlib.sha256(content).hexdigest()
+                   for dest, (content, _mode) in generated_files(definition).items()})
+    return hashes
 
 
 def _dib_version() -> str:
@@ -229,7 +243,7 @@ def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPla
     check_stack(settings.project, definition, None, None)
     layer = layer_path(settings, role, layer_key(definition, settings))
     mode = "incremental" if not refresh and layer_is_fresh(layer) else "full"
-    baked = {dest: sha256_file(src) for dest, (src, _mode) in baked_sources(definition, settings.project).items()}
+    baked = baked_hashes(definition, settings.project)
     digest = inputs_hash(definition, settings, baked)
     version = digest[:12]
     out_dir = settings.role_dir(role)
@@ -296,6 +310,11 @@ def stage_baked_files(ctx: BuildContext) -> None:
         target = stage / dest.lstrip("/")
         _mkdirs(stage, target.parent)
         shutil.copyfile(src, target)
+        os.chmod(target, int(mode, 8))
+    for dest, (content, mode) in generated_files(ctx.plan.definition).items():
+        target = stage / dest.lstrip("/")
+        _mkdirs(stage, target.parent)
+        target.write_bytes(content)
         os.chmod(target, int(mode, 8))
     listing = stage / BAKED_LIST_DEST.lstrip("/")
     _mkdirs(stage, listing.parent)

@@ -150,17 +150,19 @@ def render(state: State, role: str, site: str | None, secrets: str | None, iso: 
 @accel_option
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="A qcow2 (default: the latest build).")
 @click.option("--memory", "memory_mb", type=int, default=None, help="MiB (default: the definition's, at most 4096).")
+@click.option("--bridge", default=None, metavar="BRIDGE",
+              help="Also put the VM on this host bridge with its site address (ssh stays on QEMU's user network).")
 @click.pass_obj
 @handle_errors
 def boot_cmd(state: State, role: str, site: str | None, secrets: str | None, accel: str | None,
-             image: str | None, memory_mb: int | None) -> None:
+             image: str | None, memory_mb: int | None, bridge: str | None) -> None:
     """Boot ROLE's image locally under QEMU and print how to ssh in."""
     from . import localvm
 
     vm = localvm.boot(state.settings, role, localvm.BootOptions(
         site_path=state.settings.site_path(_path(site)),
         secrets_path=state.settings.secrets_path(_path(secrets)),
-        image=_path(image), accel=accel, memory_mb=memory_mb), state.reporter)
+        image=_path(image), accel=accel, memory_mb=memory_mb, bridge=bridge), state.reporter)
     click.echo(f"{role} {vm.version} is up under {vm.accel.upper()}: ssh after {vm.ssh_seconds:.0f} s, cloud-init "
                f"done after {vm.cloud_init_seconds:.0f} s (serial log: {vm.serial_log})")
     click.echo(f"ssh in:    ssh -F {vm.ssh_config} {vm.ssh_alias}")

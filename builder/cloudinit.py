@@ -29,6 +29,7 @@ from .compose import (
 )
 from .definition import load_role
 from .errors import RenderError
+from .firewall import ZONES_FILE, zones_file
 from .site import Site, load_secrets, load_site, ssh_key_problem
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -45,9 +46,13 @@ SEED_FILES = (
 
 @dataclass(frozen=True)
 class HostNetwork:
+    """One interface's static configuration. `mac` pins the name to a NIC (needed with more than one)."""
+
     address: str  # CIDR interface, e.g. 10.0.2.15/24
-    gateway: str
+    gateway: str | None  # None: on-link only, no default route through this interface
     dns: list[str]
+    name: str = "eth0"
+    mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,20 +113,33 @@ def secrets_env(role: str, secrets: Mapping[str, Mapping[str, str]]) -> str:
     return "".join(f"{name}={value}\n" for name, value in merged.items())
 
 
-def _network(site: Site, role: str, network: HostNetwork | None) -> HostNetwork:
-    chosen = network or HostNetwork(site.host(role).address, site.gateway, list(site.dns))
+def _networks(site: Site, role: str, networks: Sequence[HostNetwork] | None) -> list[HostNetwork]:
+    chosen = list(networks or [HostNetwork(site.host(role).address, site.gateway, list(site.dns))])
+    for net in chosen:
+        _check_network(role, net)
+    if sum(net.gateway is not None for net in chosen) > 1:
+        raise RenderError(f"network of {role}: more than one interface has a default gateway")
+    return chosen
+
+
+def primary_address(networks: Sequence[HostNetwork]) -> str:
+    """The host's address: the interface that has the default route (the first when none has)."""
+    return next((net.address for net in networks if net.gateway), networks[0].address)
+
+
+def _check_network(role: str, net: HostNetwork) -> None:
+    where = f"network of {role} ({net.name})"
     try:
-        iface = ipaddress.IPv4Interface(chosen.address)
-        gateway = ipaddress.IPv4Address(chosen.gateway)
-        for server in chosen.dns:
+        iface = ipaddress.IPv4Interface(net.address)
+        gateway = ipaddress.IPv4Address(net.gateway) if net.gateway is not None else None
+        for server in net.dns:
             ipaddress.IPv4Address(server)
     except ValueError as exc:
-        raise RenderError(f"network of {role}: {exc}") from None
-    if "/" not in chosen.address:
-        raise RenderError(f"network of {role}: address {chosen.address} has no prefix (like /24)")
-    if gateway not in iface.network:
-        raise RenderError(f"network of {role}: gateway {gateway} is not in {chosen.address}")
-    return chosen
+        raise RenderError(f"{where}: {exc}") from None
+    if "/" not in net.address:
+        raise RenderError(f"{where}: address {net.address} has no prefix (like /24)")
+    if gateway is not None and gateway not in iface.network:
+        raise RenderError(f"{where}: gateway {gateway} is not in {net.address}")
 
 
 def _ssh_keys(site: Site, extra: Sequence[str]) -> list[str]:
@@ -141,17 +159,19 @@ def render_seed(
     site: Site,
     secrets: Mapping[str, Mapping[str, str]],
     *,
-    network: HostNetwork | None = None,
+    networks: Sequence[HostNetwork] | None = None,
     extra_ssh_keys: Sequence[str] = (),
+    extra_zones: Mapping[str, Sequence[str]] | None = None,
 ) -> Seed:
-    """The three NoCloud files for `role`; `network` replaces the site's addresses (local QEMU boots)."""
+    """The three NoCloud files for `role`; `networks` replace the site's address and `extra_zones` adds
+    networks to firewall zones (local QEMU boots: the host reaching the VM through QEMU's user network)."""
     definition = load_role(project, role)  # an unknown role fails here, naming the known ones
     # The stack's secrets must be present and strong before anything boots (the lock is the build's concern).
     check_stack(project, definition, site, secrets, require_lock=False)
     host = site.host(role)
-    net = _network(site, role, network)
+    nets = _networks(site, role, networks)
     fqdn = site.fqdn(role)
-    host_info = {"role": role, "hostname": host.hostname, "fqdn": fqdn, "address": net.address}
+    host_info = {"role": role, "hostname": host.hostname, "fqdn": fqdn, "address": primary_address(nets)}
     env = _environment(project)
     user_data = _render(env, "user-data", {
         "hostname": host.hostname,
@@ -162,10 +182,10 @@ def render_seed(
         "host_json": json.dumps(host_info, indent=2, sort_keys=True) + "\n",
         "secrets_env": secrets_env(role, secrets),
         "stack_files": stack_files(role, site, secrets),
+        "firewall_zones_path": ZONES_FILE,
+        "firewall_zones": zones_file(site.zones, extra_zones),
     })
-    network_config = _render(env, "network-config", {
-        "address": net.address, "gateway": net.gateway, "dns": list(net.dns), "domain": site.domain,
-    })
+    network_config = _render(env, "network-config", {"interfaces": nets, "domain": site.domain})
     validate_user_data(user_data, f"user-data ({role})")
     validate_network_config(network_config, f"network-config ({role})")
     meta_data = _render(env, "meta-data", {"instance_id": instance_id(role, user_data, network_config),

@@ -168,9 +168,10 @@ def load_role(project: Path, role: str) -> ImageDefinition:
     return load_definition(definition_path(project, role), project, role)
 
 
-# Destinations the build itself writes: a definition's file must not replace them.
-RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list")
-RESERVED_TREES = ("/opt/homelab/compose/", "/var/lib/homelab/images/")
+# Destinations the build itself writes (image info, baked list, the firewall ruleset of builder/firewall.py) or
+# cloud-init writes at boot (the firewall's zones): a definition's file must not replace them.
+RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list", "/etc/homelab/firewall.nft")
+RESERVED_TREES = ("/opt/homelab/compose/", "/var/lib/homelab/images/", "/etc/homelab/firewall.d/")
 
 
 def _destination_problem(dest: str) -> str | None:

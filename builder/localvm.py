@@ -7,6 +7,7 @@ boot finds out by trying, falls back to TCG and remembers that for this host ker
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import qmp
 from .build import latest_build, manifest_of
-from .cloudinit import HostNetwork, render_seed, write_seed_iso
+from .cloudinit import HostNetwork, primary_address, render_seed, write_seed_iso
 from .errors import BootError, HomelabError
 from .progress import Reporter, Silent
 from .runner import require_tool, run, start
@@ -28,6 +29,12 @@ from .site import Site, load_secrets, load_site
 
 # QEMU user networking: the guest's fixed address, gateway and DNS, given to it as static config.
 QEMU_USER_NETWORK = HostNetwork(address="10.0.2.15/24", gateway="10.0.2.2", dns=["10.0.2.3"])
+QEMU_USER_HOST = "10.0.2.2/32"
+# The host logs in through QEMU's user network (forwarded ssh), which the guest sees coming from 10.0.2.2:
+# a local VM counts this machine as part of its LAN zone, or the firewall would shut the tool out.
+LOCAL_ZONES = {"lan": [QEMU_USER_HOST]}
+# With a second NIC on a bridge, each NIC is pinned to its MAC (locally administered, fixed per role).
+USER_NIC_MAC = "52:54:00:00:02:0f"
 # Under KVM the kernel prints within seconds; no output by then means KVM guests hang on this host.
 KVM_PROBE_SECONDS = 25
 KERNEL_MARKERS = ("Linux version", "Booting Linux", "systemd[1]")
@@ -49,6 +56,8 @@ class VMState:
     # Measured from QEMU's start: first ssh login, cloud-init done (0 until reached).
     ssh_seconds: float = 0.0
     cloud_init_seconds: float = 0.0
+    # The tap device on a host bridge (BootOptions.bridge), removed by `stop`; "" without one.
+    tap: str = ""
 
     @property
     def ssh_config(self) -> Path:
@@ -165,10 +174,30 @@ def ensure_ssh_key(settings: Settings) -> Path:
     return key
 
 
-def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: int) -> list[str]:
+def tap_name(role: str) -> str:
+    return f"hl-{role}"[:15]  # IFNAMSIZ
+
+
+def bridge_mac(role: str) -> str:
+    digest = hashlib.sha256(role.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def _nic_argv(tap: str, role: str) -> list[str]:
+    if not tap:
+        return ["-device", "virtio-net-pci,netdev=net0"]
+    return [
+        "-device", f"virtio-net-pci,netdev=net0,mac={USER_NIC_MAC}",
+        "-netdev", f"tap,id=net1,ifname={tap},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=net1,mac={bridge_mac(role)}",
+    ]
+
+
+def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: int, tap: str = "") -> list[str]:
+    role = rundir.parent.name
     return [
         "qemu-system-x86_64",
-        "-name", f"homelab-{rundir.parent.name}",
+        "-name", f"homelab-{role}",
         "-machine", "pc",
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
@@ -180,7 +209,7 @@ def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: in
         "-drive", f"file={rundir / 'overlay.qcow2'},if=virtio,format=qcow2,discard=unmap",
         "-drive", f"file={rundir / 'seed.iso'},media=cdrom,if=ide,readonly=on",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=net0",
+        *_nic_argv(tap, role),
         "-device", "virtio-rng-pci",
         # A GPU with a DRM render node (/dev/dri/renderD128) for kernels that have DRM: what the intranet's
         # Jellyfin is given on Proxmox (the passed-through Intel GPU) exists locally too, minus VAAPI.
@@ -219,6 +248,20 @@ class BootOptions:
     cores: int | None = None
     boot_timeout: float = 600
     wait_cloud_init: bool = True
+    # A host bridge to put the VM on with the site's address (a second NIC; ssh stays on QEMU's user network).
+    bridge: str | None = None
+
+
+def guest_networks(site: Site, role: str, bridge: str | None) -> list[HostNetwork]:
+    """QEMU's user network alone, or with a bridge: the site's address and gateway there, the user network
+    kept on-link for the forwarded ssh."""
+    if bridge is None:
+        return [QEMU_USER_NETWORK]
+    host = site.host(role)
+    return [
+        HostNetwork(QEMU_USER_NETWORK.address, None, [], name="eth0", mac=USER_NIC_MAC),
+        HostNetwork(host.address, site.gateway, list(site.dns), name="eth1", mac=bridge_mac(role)),
+    ]
 
 
 def _image_and_manifest(settings: Settings, role: str, image: Path | None) -> tuple[Path, dict[str, Any]]:
@@ -244,19 +287,31 @@ def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter
     site = load_site(options.site_path)
     secrets = load_secrets(options.secrets_path)
     rundir = run_dir(settings, role)
+    networks = guest_networks(site, role, options.bridge)
     with reporter.step("Prepare seed and overlay"):
         key = ensure_ssh_key(settings)
-        _prepare_run_dir(settings, role, rundir, image, site, secrets, key)
+        _prepare_run_dir(settings, role, rundir, image, site, secrets, key, networks)
+    tap = _create_tap(role, options.bridge) if options.bridge else ""
+    try:
+        state = _boot_vm(settings, role, options, reporter, VMState(
+            role=role, pid=0, accel=choose_accel(settings, options.accel), image=str(image),
+            version=manifest["version"], ssh_port=_free_port(), user=site.admin_user,
+            hostname=site.host(role).hostname, address=primary_address(networks), run_dir=str(rundir), tap=tap,
+        ), key, manifest)
+    except BaseException:
+        if running_vm(settings, role) is None:  # a VM left running (Ctrl-C) keeps its NIC until `homelab down`
+            _remove_tap(tap)
+        raise
+    _state_path(state).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    return state
+
+
+def _boot_vm(settings: Settings, role: str, options: BootOptions, reporter: Reporter, state: VMState, key: Path,
+             manifest: dict[str, Any]) -> VMState:
     memory = options.memory_mb or min(manifest["vm"]["memory_mb"], 4096)
     cores = options.cores or min(manifest["vm"]["cores"], os.cpu_count() or 1)
-    accel = choose_accel(settings, options.accel)
-    state = VMState(
-        role=role, pid=0, accel=accel, image=str(image), version=manifest["version"], ssh_port=_free_port(),
-        user=site.admin_user, hostname=site.host(role).hostname, address=QEMU_USER_NETWORK.address,
-        run_dir=str(rundir),
-    )
     _write_ssh_config(state, key)
-    with reporter.step(f"Start QEMU ({accel})"):
+    with reporter.step(f"Start QEMU ({state.accel})"):
         state = _start_qemu(settings, state, memory, cores, options.accel is None, reporter)
     started = time.monotonic()
     reporter.info(f"accelerator: {state.accel}" + (" (KVM guests hang on this host)" if state.accel == "tcg" else ""))
@@ -271,16 +326,16 @@ def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter
     except HomelabError:
         stop(settings, role)
         raise
-    _state_path(state).write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
 
 
 def _prepare_run_dir(
-    settings: Settings, role: str, rundir: Path, image: Path, site: Site, secrets: dict[str, dict[str, str]], key: Path
+    settings: Settings, role: str, rundir: Path, image: Path, site: Site, secrets: dict[str, dict[str, str]], key: Path,
+    networks: list[HostNetwork],
 ) -> None:
     seed = render_seed(
         settings.project, role, site, secrets,
-        network=QEMU_USER_NETWORK, extra_ssh_keys=[Path(f"{key}.pub").read_text().strip()],
+        networks=networks, extra_ssh_keys=[Path(f"{key}.pub").read_text().strip()], extra_zones=LOCAL_ZONES,
     )
     rundir.mkdir(parents=True, exist_ok=True)
     for stale in ("overlay.qcow2", "serial.log", "qmp.sock", "qga.sock", "qemu.pid", "state.json"):
@@ -296,7 +351,7 @@ def _launch(state: VMState, memory: int, cores: int) -> VMState:
     for stale in ("serial.log", "qmp.sock", "qga.sock"):
         (rundir / stale).unlink(missing_ok=True)
     with (rundir / "qemu.log").open("w") as qemu_log:
-        proc = start(qemu_argv(rundir, state.accel, memory, cores, state.ssh_port), stdout=qemu_log)
+        proc = start(qemu_argv(rundir, state.accel, memory, cores, state.ssh_port, state.tap), stdout=qemu_log)
     state.pid = proc.pid
     try:
         qmp.wait_for_monitor(state.qmp_socket, 30, lambda: proc.poll() is None)
@@ -384,7 +439,27 @@ def stop(settings: Settings, role: str, timeout: float = 60) -> bool:
         _quit(state)
         _kill(state.pid)
     _state_path(state).unlink(missing_ok=True)
+    _remove_tap(state.tap)
     return True
+
+
+# --- bridge ----------------------------------------------------------------------------------------
+
+
+def _create_tap(role: str, bridge: str) -> str:
+    """A tap device for the VM's second NIC, enslaved to `bridge` (which the caller made, e.g. a test network)."""
+    if not Path(f"/sys/class/net/{bridge}/bridge").is_dir():
+        raise BootError(f"bridge {bridge} does not exist (ip link add {bridge} type bridge)")
+    tap = tap_name(role)
+    _remove_tap(tap)
+    run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+    run(["ip", "link", "set", "dev", tap, "master", bridge, "up"])
+    return tap
+
+
+def _remove_tap(tap: str) -> None:
+    if tap and Path(f"/sys/class/net/{tap}").exists():
+        run(["ip", "link", "del", "dev", tap], check=False)
 
 
 def _quit(state: VMState) -> None:

@@ -64,7 +64,7 @@ def test_hostname_from_cloud_init(host: Host, expected: dict[str, Any]) -> None:
 
 
 def test_address_from_cloud_init(host: Host, expected: dict[str, Any]) -> None:
-    addresses = host.check_output("ip -4 -o addr show dev eth0")
+    addresses = host.check_output("ip -4 -o addr show")
     assert f"inet {expected['address']} " in addresses
 
 
@@ -100,3 +100,17 @@ def test_guest_agent_answers_the_host(expected: dict[str, Any]) -> None:
     if not expected.get("qga_socket"):
         pytest.skip("no guest agent socket for a remote host (Proxmox checks it through its API)")
     assert guest_agent_ping(Path(expected["qga_socket"])), "qemu-guest-agent did not answer guest-ping"
+
+
+def test_firewall_is_loaded_with_the_zones(host: Host) -> None:
+    # Our table, both chains closed by default, the zones cloud-init wrote loaded; Debian's nftables.service
+    # (whose stop flushes every table, Docker's too) is not used.
+    for unit in ("homelab-firewall.service", "homelab-firewall-zones.service"):
+        assert host.service(unit).is_enabled, unit
+        assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
+    assert not host.service("nftables.service").is_enabled
+    table = host.check_output("sudo nft list table inet homelab")
+    assert table.count("policy drop;") == 2
+    assert "elements" in host.check_output("sudo nft list set inet homelab zone_lan")
+    # Docker's own tables coexist with ours.
+    assert "table ip nat" in host.check_output("sudo nft list tables")

@@ -171,7 +171,7 @@ def test_a_multi_line_secret_is_refused(site: Site) -> None:
 
 
 def test_local_boot_network_and_key(site: Site, secrets: dict[str, dict[str, str]]) -> None:
-    seed = render_seed(PROJECT, "intranet", site, secrets, network=QEMU, extra_ssh_keys=[LOCAL_KEY])
+    seed = render_seed(PROJECT, "intranet", site, secrets, networks=[QEMU], extra_ssh_keys=[LOCAL_KEY])
     eth0 = yaml.safe_load(seed.network_config)["ethernets"]["eth0"]
     assert eth0["addresses"] == ["10.0.2.15/24"]
     assert eth0["routes"] == [{"to": "0.0.0.0/0", "via": "10.0.2.2"}]
@@ -189,14 +189,14 @@ def test_a_bad_extra_key_is_refused(site: Site) -> None:
 def test_a_gateway_outside_the_override_network_is_refused(site: Site) -> None:
     bad = HostNetwork(address="10.0.2.15/24", gateway="10.0.3.2", dns=["10.0.2.3"])
     with pytest.raises(RenderError, match=r"gateway 10\.0\.3\.2 is not in 10\.0\.2\.15/24"):
-        render_seed(PROJECT, "intranet", site, stack(), network=bad)
+        render_seed(PROJECT, "intranet", site, stack(), networks=[bad])
 
 
 def test_instance_id_follows_user_data_and_network_config(site: Site) -> None:
     one = render_seed(PROJECT, "intranet", site, stack())
     same = render_seed(PROJECT, "intranet", site, stack())
     other_secret = render_seed(PROJECT, "intranet", site, stack({"common": {"A": "1"}}))
-    local = render_seed(PROJECT, "intranet", site, stack(), network=QEMU)
+    local = render_seed(PROJECT, "intranet", site, stack(), networks=[QEMU])
     assert one.meta_data == same.meta_data
     assert other_secret.meta_data != one.meta_data
     assert local.meta_data != one.meta_data

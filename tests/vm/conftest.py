@@ -24,6 +24,7 @@ from builder import localvm
 from builder.build import remove_workdir
 from builder.definition import known_roles
 from builder.settings import Settings, load_settings
+from tests.netlab import BRIDGE, ZoneNetwork
 from tests.standins.images import build_standins, push_standins
 from tests.standins.registry import LoopbackRegistry
 
@@ -91,13 +92,23 @@ def settings(stack_project: Path) -> Settings:
 
 
 @pytest.fixture(scope="class")
-def booted(request: pytest.FixtureRequest, settings: Settings) -> Iterator[localvm.VMState]:
-    """Build the class's role (reusing an up-to-date build) and boot it once for the whole class."""
+def network(request: pytest.FixtureRequest) -> Iterator[ZoneNetwork]:
+    """The test site's zones as namespaces on a bridge (tests/netlab.py); the DMZ client would take the
+    extranet's own address."""
+    with ZoneNetwork(without=("dmz",) if request.cls.role == "extranet" else ()) as zones:
+        yield zones
+
+
+@pytest.fixture(scope="class")
+def booted(request: pytest.FixtureRequest, settings: Settings, network: ZoneNetwork) -> Iterator[localvm.VMState]:
+    """Build the class's role (reusing an up-to-date build) and boot it once for the whole class, on the test
+    network with its site address (ssh from this machine goes through QEMU's user network)."""
     role: str = request.cls.role
     request.cls.failed = False
     homelab("build", "image", role)
     localvm.stop(settings, role)
-    state = localvm.boot(settings, role, localvm.BootOptions(site_path=TEST_SITE, secrets_path=TEST_SECRETS))
+    state = localvm.boot(settings, role, localvm.BootOptions(site_path=TEST_SITE, secrets_path=TEST_SECRETS,
+                                                             bridge=BRIDGE))
     yield state
     keep = os.environ.get("HOMELAB_KEEP_VM", "")
     if keep == "always" or (keep == "on_error" and request.cls.failed):

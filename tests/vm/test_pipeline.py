@@ -10,7 +10,11 @@ import pytest
 from builder import localvm
 from builder.build import latest_build, sha256_file
 from builder.cloudinit import read_seed_iso
+from builder.definition import load_role
+from builder.firewall import allowed
 from builder.settings import Settings
+from builder.site import load_site
+from tests.netlab import ZoneNetwork
 
 from .conftest import TEST_SECRETS, TEST_SITE, homelab
 
@@ -40,12 +44,26 @@ class RoleImage:
         seed = read_seed_iso(Path(booted.run_dir) / "seed.iso")
         assert f"hostname: \"{booted.hostname}\"" in seed.user_data
         assert "10.0.2.15/24" in seed.network_config
+        assert load_site(TEST_SITE).host(self.role).address in seed.network_config
 
     def test_testinfra_suite_passes(self, booted: localvm.VMState) -> None:
         result = homelab("verify", self.role, "--site", str(TEST_SITE), "--secrets", str(TEST_SECRETS),
                          check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "verified" in result.stdout
+
+    def test_firewall_matrix_from_outside(self, booted: localvm.VMState, network: ZoneNetwork,
+                                          settings: Settings) -> None:
+        # Every (zone, port) pair probed from the test network's namespaces against the site address: open where
+        # the matrix (images/<role>.yaml ports, README) allows, dropped everywhere else — container ports too.
+        definition = load_role(settings.project, self.role)
+        site = load_site(TEST_SITE)
+        ports = sorted({e["port"] for e in definition["ports"] if e["proto"] == "tcp"} | {5432, 6379})
+        address = site.host(self.role).address.split("/")[0]
+        got = network.probe_all(address, ports)
+        expected = {(c.zone, port): "open" if allowed(definition, site.zones, c.ip, port) else "filtered"
+                    for c in network.clients for port in ports}
+        assert got == expected
 
     def test_the_built_image_is_never_modified_by_booting(self, booted: localvm.VMState) -> None:
         manifest = json.loads(Path(booted.image).with_name(Path(booted.image).stem + ".manifest.json").read_text())
