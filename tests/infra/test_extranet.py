@@ -31,3 +31,29 @@ def test_env_files_are_private(host: Host) -> None:
 
 def test_nothing_is_pulled(host: Host, expected: dict[str, Any]) -> None:
     stack.nothing_is_pulled(host, expected)
+
+
+# --- fail2ban: bans go into the firewall's set, which also covers what Docker forwards to NPM --------------------
+
+
+def test_fail2ban_runs_both_jails(host: Host) -> None:
+    service = host.service("fail2ban")
+    assert service.is_enabled and service.is_running
+    jails = host.check_output("sudo fail2ban-client status")
+    assert "sshd" in jails and "npm" in jails, jails
+
+
+def test_npm_jail_reads_npm_logs_on_the_logs_volume(host: Host) -> None:
+    status = host.check_output("sudo fail2ban-client status npm")
+    assert "/srv/logs/npm/fallback_http_access.log" in status, status
+    assert host.service("homelab-fail2ban-npm.path").is_running
+
+
+def test_jails_ban_with_the_homelab_action(host: Host) -> None:
+    for jail in ("sshd", "npm"):
+        assert host.check_output(f"sudo fail2ban-client get {jail} actions").split()[-1] == "homelab-nft", jail
+
+
+def test_banned_set_is_there_for_the_action(host: Host) -> None:
+    # What the action's actionstart checks: fail2ban's journal would otherwise show every ban failing.
+    assert host.run("sudo nft list set inet homelab banned").rc == 0
