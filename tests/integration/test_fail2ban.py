@@ -88,6 +88,7 @@ def test_both_jails_ban_through_the_firewall_set(confdir: Path) -> None:
     assert "['add', 'sshd', 'systemd']" in out, "sshd reads the journal: Debian 13 has no auth.log"
     assert "['add', 'npm', 'polling']" in out
     assert "'addaction', 'nftables'" not in out, "no jail keeps Debian's own nftables action"
+    assert "['set', 'npm', 'addignoreip', '127.0.0.0/8', '::1', '172.16.0.0/12']" in out, "Docker's bridges"
 
 
 # --- the action, in a network namespace --------------------------------------------------------------------------
