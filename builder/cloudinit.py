@@ -27,6 +27,7 @@ from .compose import (
     prometheus_node_targets,
     role_env_files,
 )
+from .ddclient import ddclient_files
 from .definition import load_role
 from .errors import RenderError
 from .firewall import ZONES_FILE, zones_file
@@ -181,7 +182,7 @@ def render_seed(
         "ssh_authorized_keys": _ssh_keys(site, extra_ssh_keys),
         "host_json": json.dumps(host_info, indent=2, sort_keys=True) + "\n",
         "secrets_env": secrets_env(role, secrets),
-        "stack_files": stack_files(role, site, secrets),
+        "host_files": host_files(role, site, secrets),
         "firewall_zones_path": ZONES_FILE,
         "firewall_zones": zones_file(site.zones, extra_zones),
     })
@@ -208,6 +209,15 @@ def stack_files(role: str, site: Site, secrets: Mapping[str, Mapping[str, str]])
              for path, content in sorted(role_env_files(role, secrets).items())]
     if role == PROMETHEUS_SCRAPER and role in site.hosts:
         files.append({"path": PROMETHEUS_TARGETS, "permissions": "0644", "content": prometheus_node_targets(site)})
+    return files
+
+
+def host_files(role: str, site: Site, secrets: Mapping[str, Mapping[str, str]]) -> list[dict[str, str]]:
+    """Every per-host file cloud-init writes beside host.json and secrets.env: the stack's, then the services'
+    (ddclient.conf on the extranet when the site names a dynhost: it holds the DynHost password, so 0600)."""
+    files = stack_files(role, site, secrets)
+    files += [{"path": path, "permissions": "0600", "content": content}
+              for path, content in sorted(ddclient_files(role, site, secrets).items())]
     return files
 
 

@@ -87,6 +87,11 @@ SECRET_RULES: Mapping[str, SecretRule] = {
     "GRAFANA_ADMIN_PASSWORD": SecretRule(12),
     "NPM_ADMIN_PASSWORD": SecretRule(12),
     "NPM_ADMIN_EMAIL": SecretRule(3, r"[^@\s]+@[^@\s]+\.[^@\s]+", "Nginx Proxy Manager logs in with an email address"),
+    # /etc/ddclient.conf (builder/ddclient.py): ddclient ends a login at whitespace or a comma and refuses whitespace
+    # in a password (which it reads single-quoted, so quotes are refused for every secret already).
+    "OVH_DYNHOST_LOGIN": SecretRule(3, r"[A-Za-z0-9._@-]+", "an OVH DynHost login is like example.org-home: "
+                                                            "letters, digits and . _ @ - only"),
+    "OVH_DYNHOST_PASSWORD": SecretRule(8, r"\S+", "ddclient cannot read a password with whitespace"),
 }
 
 

@@ -13,6 +13,9 @@ from .yamlload import load_located
 
 # Debian release names by the `base` values the tool supports.
 BASES = {"debian-13": "trixie"}
+# Archive components of every image (debootstrap and the image's apt sources, DIB's debian-minimal): Debian 13 puts
+# the GPU firmware (firmware-intel-graphics: i915's GuC/HuC/DMC for Jellyfin's VAAPI) in non-free-firmware.
+DEBIAN_COMPONENTS = ["main", "non-free-firmware"]
 KERNEL_PACKAGES = {"cloud": "linux-image-cloud-amd64", "generic": "linux-image-amd64"}
 # Elements every image gets: DIB's own for a bootable cloud-init VM, then the project's.
 BASE_ELEMENTS = ["vm", "cloud-init", "cloud-init-datasources", "openssh-server", "homelab-base", "homelab-bake"]
@@ -45,6 +48,7 @@ class DibArgs:
 def _base(value: str, dib: DibArgs) -> None:
     dib.elements.insert(0, "debian-minimal")
     dib.env["DIB_RELEASE"] = BASES[value]
+    dib.env["DIB_DEBIAN_COMPONENTS"] = ",".join(DEBIAN_COMPONENTS)
 
 
 def _kernel(value: str, dib: DibArgs) -> None:

@@ -207,6 +207,9 @@ SITE_FIELDS = [
     Field("dns", NonEmptyListOf(IPv4()), "IPv4 DNS servers of the hosts.", required=True),
     Field("hosts", MapOf(Record(HOST_FIELDS, "a host mapping"), what="a mapping of role to host"),
           "Host of each role: hosts.<role>.hostname and hosts.<role>.address.", required=True),
+    Field("dynhost", Str(pattern=DOMAIN, what="a lowercase DNS name like home.example.org"),
+          "OVH DynHost name the extranet's ddclient keeps on the home's public IPv4 (needs extranet.OVH_DYNHOST_LOGIN "
+          "and extranet.OVH_DYNHOST_PASSWORD in the secrets file); absent: ddclient stays off."),
     Field("zones", ZoneMap(),
           "Firewall zones (" + ", ".join(ZONES) + "): zones.<zone> lists its IPv4 networks; image definitions "
           "name the zones each port is open to (ports[].from). Zones may overlap (the DMZ host is in the LAN).",
@@ -231,6 +234,7 @@ class Site:
     dns: tuple[str, ...]
     hosts: Mapping[str, SiteHost]
     zones: Mapping[str, tuple[str, ...]]
+    dynhost: str | None
     # Every validated key, including ones added to SITE_FIELDS later.
     values: Mapping[str, Any]
 
@@ -264,6 +268,7 @@ def load_site(path: Path) -> Site:
         dns=tuple(values["dns"]),
         hosts=hosts,
         zones={zone: tuple(networks) for zone, networks in values["zones"].items()},
+        dynhost=values["dynhost"],
         values=values,
     )
 

@@ -51,3 +51,12 @@ def test_gpu_render_node_for_jellyfin(host: Host) -> None:
 
 def test_nothing_is_pulled(host: Host, expected: dict[str, Any]) -> None:
     stack.nothing_is_pulled(host, expected)
+
+
+def test_gpu_firmware_for_the_hd_530(host: Host) -> None:
+    # Skylake's GuC, HuC and DMC firmware, from Debian 13's non-free-firmware (firmware-intel-graphics).
+    assert host.package("firmware-intel-graphics").is_installed
+    for name in ("skl_guc_70.1.1.bin", "skl_huc_2.0.0.bin", "skl_dmc_ver1_27.bin"):
+        assert host.file(f"/lib/firmware/i915/{name}").is_file, name
+    # debian-minimal writes DIB_DEBIAN_COMPONENTS into the image's apt sources as well as bootstrapping from them.
+    assert host.run("grep -rqs non-free-firmware /etc/apt/sources.list /etc/apt/sources.list.d/").rc == 0

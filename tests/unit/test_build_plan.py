@@ -94,6 +94,11 @@ def test_env_selects_trixie(plan: BuildPlan) -> None:
     assert plan.env["DIB_RELEASE"] == "trixie"
 
 
+def test_env_enables_the_non_free_firmware_component(plan: BuildPlan) -> None:
+    # debian-minimal passes it to debootstrap and writes it into the image's apt sources.
+    assert plan.env["DIB_DEBIAN_COMPONENTS"] == "main,non-free-firmware"
+
+
 def test_env_elements_path_points_at_the_projects_elements(plan: BuildPlan) -> None:
     assert Path(plan.env["ELEMENTS_PATH"]) == PROJECT / "builder" / "elements" == ELEMENTS_DIR
     assert (ELEMENTS_DIR / "homelab-bake").is_dir()

@@ -119,6 +119,13 @@ def test_every_real_role_loads(role: str) -> None:
     assert "homelab-bake" in dib.elements
 
 
+def test_the_intranet_installs_the_gpu_firmware_from_non_free_firmware() -> None:
+    # Jellyfin's VAAPI on the HD 530: i915's GuC/HuC/DMC files are in Debian 13's non-free-firmware component.
+    dib = load_role(PROJECT, "intranet").dib_args()
+    assert "firmware-intel-graphics" in dib.packages
+    assert dib.env["DIB_DEBIAN_COMPONENTS"].split(",") == ["main", "non-free-firmware"]
+
+
 def test_known_roles_lists_the_real_roles() -> None:
     assert {"extranet", "intranet"} <= set(known_roles(PROJECT))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import build
+from builder import build, definition
 from builder.build import (
     BAKED_LIST_DEST,
     BUILD_STEPS,
@@ -118,6 +118,13 @@ def test_layer_key_changes_with_the_security_mirror(settings: Settings) -> None:
 def test_layer_key_changes_with_extra_elements(settings: Settings) -> None:
     key = _key(settings)
     _append_to_definition(settings, "elements: [growroot]\n")
+    assert _key(settings) != key
+
+
+def test_layer_key_changes_with_the_archive_components(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A layer bootstrapped from main alone has no non-free-firmware in its apt sources: it must not be reused.
+    key = _key(settings)
+    monkeypatch.setattr(definition, "DEBIAN_COMPONENTS", ["main"])
     assert _key(settings) != key
 
 
