@@ -1,4 +1,4 @@
-"""The intranet's backup script for real (marked `host`: local programs, no VM; about 30 s).
+"""The intranet's backup script for real (marked `host`: local programs, no VM; about 50 s on 2 busy cores).
 
 images/files/intranet/homelab-backup runs unchanged with this host's restic and PostgreSQL, its external commands
 replaced through its settings: the "live" database is a throwaway cluster (initdb, run as the postgres user on a unix
@@ -12,7 +12,8 @@ like the VM's /srv (Immich's originals, a service's config, a cache). The settin
   mtime (silent corruption), skips one changed since the backup, and fails on a dump that does not restore;
 - a failing dump fails the backup and records no `db` snapshot (restic --stdin-from-command), the files still backed
   up;
-- forget applies the keep policy per tag, check reads its data subset.
+- forget applies the keep policy per tag, check reads its data subset; before the first backup, check, verify and
+  forget have nothing to do and say so.
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ def test_settings_come_from_the_env_file_cloud_init_writes(lab: Lab) -> None:
     result = lab.backup("check", HOMELAB_BACKUP_ENV_FILE=str(lab.root / "missing.env"))
     assert result.returncode == 1
     assert "RESTIC_PASSWORD is not set" in result.stderr
+
+
+def test_before_the_first_backup_there_is_nothing_to_check_verify_or_forget(lab: Lab) -> None:
+    for command in ("check", "verify", "forget"):
+        out = lab.ok(command, RESTIC_REPOSITORY=str(lab.root / "not-yet"))
+        assert "yet: the first backup creates it" in out, command
+    assert not (lab.root / "not-yet").exists()
 
 
 def test_verify_restores_both_and_passes(lab: Lab) -> None:

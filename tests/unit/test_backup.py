@@ -149,4 +149,4 @@ def test_a_restored_dump_missing_its_end_differs(tmp_path: Path) -> None:
     restored = tmp_path / "b.sql"
     restored.write_text("".join(backed_up.read_text().splitlines(keepends=True)[:-3]))
     problem = _script().dump_difference(backed_up, restored)
-    assert problem is not None and "restored None" in problem
+    assert problem is not None and "restored nothing" in problem
