@@ -54,7 +54,7 @@ class SecretRule:
 
 @dataclass(frozen=True)
 class EnvFile:
-    """An env file a stack reads, written at boot by cloud-init (root:root 0600) from the secrets file."""
+    """An env file written at boot by cloud-init (root:root 0600) from the secrets file, read by the stack or a unit."""
 
     path: str
     role: str
@@ -67,8 +67,8 @@ class EnvFile:
     stack: bool = True
 
 
-# The one table of what each role's stack reads at boot. Immich's server and its database read the same file, so
-# they cannot disagree on the password, user or database (the original stack gave the server no password).
+# The one table of what each role's stack and units read at boot. Immich's server and its database read the same
+# file, so they cannot disagree on the password, user or database (the original stack gave the server no password).
 ENV_FILES: tuple[EnvFile, ...] = (
     EnvFile(
         "/etc/homelab/immich.env", "intranet",
