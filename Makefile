@@ -17,8 +17,9 @@ test-unit:
 	$(PYTEST) -m "not vm and not host" tests
 
 lint:
-	$(VENV)/bin/ruff check builder tests bench
+	$(VENV)/bin/ruff check builder tests bench images/files/intranet/homelab-backup
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict images/files/intranet/homelab-backup
 
 $(addprefix image-,$(ROLES)): image-%:
 	$(HOMELAB) build image $*

@@ -13,8 +13,9 @@
   read-write mount of a read-only volume; a named or anonymous volume (on the image's disk: lost at a swap);
 - a secret-looking variable set in compose.yaml (it would be baked), an interpolated variable other than the
   runtime ones (RUNTIME_VARIABLES);
-- an env file not written at boot for the role (ENV_FILES), a secret that env file needs missing from the secrets,
-  or one failing its rule (SECRET_RULES: the DB password needs >= 20 characters of A-Za-z0-9, Immich's rule);
+- an env file not written at boot for the role (ENV_FILES) or written for the VM's own units only (the backup's),
+  a secret that env file needs missing from the secrets, or one failing its rule (SECRET_RULES: the DB password
+  needs >= 20 characters of A-Za-z0-9, Immich's rule);
 - a zone named by the definition's ports that the site file does not define.
 """
 
@@ -53,7 +54,7 @@ class SecretRule:
 
 @dataclass(frozen=True)
 class EnvFile:
-    """An env file a stack reads, written at boot by cloud-init (root:root 0600) from the secrets file."""
+    """An env file written at boot by cloud-init (root:root 0600) from the secrets file, read by the stack or a unit."""
 
     path: str
     role: str
@@ -61,10 +62,13 @@ class EnvFile:
     secrets: Mapping[str, str]
     # variables with fixed values, kept beside the secrets so that every reader of the file agrees on them
     constants: Mapping[str, str] = field(default_factory=dict)
+    # False for a file only a baked systemd unit reads (the backup's): no container may read it, so a secret that
+    # is not the stack's (the restic password) never enters a container's environment.
+    stack: bool = True
 
 
-# The one table of what each role's stack reads at boot. Immich's server and its database read the same file, so
-# they cannot disagree on the password, user or database (the original stack gave the server no password).
+# The one table of what each role's stack and units read at boot. Immich's server and its database read the same
+# file, so they cannot disagree on the password, user or database (the original stack gave the server no password).
 ENV_FILES: tuple[EnvFile, ...] = (
     EnvFile(
         "/etc/homelab/immich.env", "intranet",
@@ -81,6 +85,15 @@ ENV_FILES: tuple[EnvFile, ...] = (
         "/etc/homelab/npm.env", "extranet",
         secrets={"INITIAL_ADMIN_EMAIL": "NPM_ADMIN_EMAIL", "INITIAL_ADMIN_PASSWORD": "NPM_ADMIN_PASSWORD"},
     ),
+    # The restic backups (images/files/intranet/homelab-backup*): the repository is on the backups volume, the
+    # password arrives at boot like every secret; the keep policy of `forget` sits here so it is changed in one place.
+    EnvFile(
+        "/etc/homelab/backup.env", "intranet",
+        secrets={"RESTIC_PASSWORD": "RESTIC_PASSWORD"},
+        constants={"RESTIC_REPOSITORY": "/srv/backups/restic", "HOMELAB_BACKUP_KEEP_DAILY": "7",
+                   "HOMELAB_BACKUP_KEEP_WEEKLY": "4", "HOMELAB_BACKUP_KEEP_MONTHLY": "6"},
+        stack=False,
+    ),
 )
 SECRET_RULES: Mapping[str, SecretRule] = {
     "DB_PASSWORD": SecretRule(20, r"[A-Za-z0-9]+", "Immich requires a database password of A-Za-z0-9 only"),
@@ -92,11 +105,19 @@ SECRET_RULES: Mapping[str, SecretRule] = {
     "OVH_DYNHOST_LOGIN": SecretRule(3, r"[A-Za-z0-9._@-]+", "an OVH DynHost login is like example.org-home: "
                                                             "letters, digits and . _ @ - only"),
     "OVH_DYNHOST_PASSWORD": SecretRule(8, r"\S+", "ddclient cannot read a password with whitespace"),
+    # The repository key is derived from it: whoever reads the backups' disk must not be able to guess it.
+    "RESTIC_PASSWORD": SecretRule(20),
 }
 
 
 def env_files(role: str) -> dict[str, EnvFile]:
+    """Every env file cloud-init writes for the role (its stack's and its units')."""
     return {f.path: f for f in ENV_FILES if f.role == role}
+
+
+def stack_env_files(role: str) -> dict[str, EnvFile]:
+    """The env files the role's compose stack may read."""
+    return {path: f for path, f in env_files(role).items() if f.stack}
 
 
 def required_secrets(role: str) -> list[str]:
@@ -408,10 +429,13 @@ def _check_env_file(stack: _Stack, keypath: KeyPath, entry: Any) -> None:
             if "=" in line and not name.startswith("#") and SECRET_VARIABLE.search(name.upper()):
                 raise stack.error(keypath, f"{path} sets {name}, which looks like a secret: baked files hold none")
         return
-    known = env_files(stack.role)
+    known = stack_env_files(stack.role)
     env_file = known.get(path)
     if env_file is None:
         names = ", ".join(known) or "none"
+        if path in env_files(stack.role):
+            raise stack.error(keypath, f"{path} is read by the VM's own units, never by a container (the stack's "
+                                       f"env files: {names})")
         raise stack.error(keypath, f"{path} is not written at boot for {stack.role} (its env files: {names})")
     if stack.secrets is not None:
         for secret in dict.fromkeys(env_file.secrets.values()):

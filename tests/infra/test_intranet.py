@@ -60,3 +60,30 @@ def test_gpu_firmware_for_the_hd_530(host: Host) -> None:
         assert host.file(f"/lib/firmware/i915/{name}").is_file, name
     # debian-minimal writes DIB_DEBIAN_COMPONENTS into the image's apt sources as well as bootstrapping from them.
     assert host.run("grep -rqs non-free-firmware /etc/apt/sources.list /etc/apt/sources.list.d/").rc == 0
+
+
+BACKUP_TIMERS = ["homelab-backup.timer", "homelab-backup-forget.timer", "homelab-backup-check.timer",
+                 "homelab-backup-verify.timer"]
+
+
+def test_backup_timers_are_enabled_and_waiting(host: Host) -> None:
+    for timer in BACKUP_TIMERS:
+        assert host.service(timer).is_enabled, timer
+        assert host.service(timer).is_running, f"{timer} is not active (waiting for its next run)"
+    # Each has a next run scheduled (systemctl prints one row per timer; NEXT is "-" when none is).
+    listed = host.check_output("systemctl list-timers --all --no-legend --plain " + " ".join(BACKUP_TIMERS))
+    assert len(listed.splitlines()) == len(BACKUP_TIMERS), listed
+    assert not any(line.startswith("-") for line in listed.splitlines()), listed
+
+
+def test_backup_script_and_its_settings(host: Host) -> None:
+    script = host.file("/usr/local/libexec/homelab/backup")
+    assert script.is_file and script.user == "root" and script.mode == 0o755
+    assert script.content_string.startswith("#!/usr/bin/python3\n")
+    # The restic 0.17+ flag the database backup relies on (a failing dump fails the backup).
+    assert "--stdin-from-command" in host.check_output("restic backup --help")
+    # The settings arrive at boot, private; the repository password is never baked.
+    stack.env_files_are_private(host, ["/etc/homelab/backup.env"])
+    assert "RESTIC_REPOSITORY='/srv/backups/restic'" in host.check_output("sudo cat /etc/homelab/backup.env")
+    # Without arguments it prints its usage and exits 2: python3 runs it, nothing is started.
+    assert host.run("/usr/local/libexec/homelab/backup").rc == 2

@@ -130,7 +130,8 @@ def test_secrets_env_is_common_then_role_and_private(site: Site, secrets: dict[s
     env = files["/etc/homelab/secrets.env"]
     assert env["content"] == (
         "TZ_NAME=Europe/Paris\nDB_PASSWORD=TestOnlyDbPassw0rd4Immich2026\n"
-        "GRAFANA_ADMIN_PASSWORD=test only: grafana admin\nNOTE=p@ss: w0rd # not a comment\n"
+        "GRAFANA_ADMIN_PASSWORD=test only: grafana admin\nRESTIC_PASSWORD=test-only-restic-repository-key\n"
+        "NOTE=p@ss: w0rd # not a comment\n"
     )
     assert env["permissions"] == "0600"
     assert env["owner"] == "root:root"
@@ -154,6 +155,24 @@ def test_the_stacks_env_files_are_written_private(site: Site) -> None:
     npm = files["/etc/homelab/npm.env"]
     assert npm["permissions"] == "0600" and npm["owner"] == "root:root"
     assert "INITIAL_ADMIN_EMAIL='admin@test.home.arpa'" in npm["content"]
+
+
+def test_the_backup_env_file_is_written_private_with_the_repository(site: Site) -> None:
+    files = _files(_user_data(render_seed(PROJECT, "intranet", site, stack()).user_data))
+    backup = files["/etc/homelab/backup.env"]
+    assert backup["permissions"] == "0600" and backup["owner"] == "root:root"
+    assert "RESTIC_REPOSITORY='/srv/backups/restic'\n" in backup["content"]
+    assert "RESTIC_PASSWORD='test-only-restic-repository-key'\n" in backup["content"]
+
+
+def test_the_intranet_without_a_strong_restic_password_is_refused(site: Site) -> None:
+    # No container reads backup.env, so the stack check passes: the render itself must refuse.
+    secrets = stack()
+    del secrets["intranet"]["RESTIC_PASSWORD"]
+    with pytest.raises(DefinitionError, match=r"intranet\.RESTIC_PASSWORD: missing: /etc/homelab/backup\.env"):
+        render_seed(PROJECT, "intranet", site, secrets)
+    with pytest.raises(DefinitionError, match=r"intranet\.RESTIC_PASSWORD: too weak: 6 characters, at least 20"):
+        render_seed(PROJECT, "intranet", site, stack({"intranet": {"RESTIC_PASSWORD": "restic"}}))
 
 
 def test_a_nasty_secret_round_trips_exactly(site: Site) -> None:

@@ -25,11 +25,13 @@ from builder.compose import (
     RUNTIME_VARIABLES,
     SECRET_RULES,
     check_stack,
+    env_files,
     interpolated,
     prometheus_node_targets,
     required_secrets,
     role_env_files,
     secret_problem,
+    stack_env_files,
 )
 from builder.definition import ImageDefinition, known_roles, load_definition, load_role
 from builder.errors import DefinitionError
@@ -293,7 +295,7 @@ def test_every_zone_the_definitions_name_is_in_the_example_and_test_sites() -> N
 
 
 def test_required_secrets_per_role() -> None:
-    assert required_secrets("intranet") == ["DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD"]
+    assert required_secrets("intranet") == ["DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "RESTIC_PASSWORD"]
     assert required_secrets("extranet") == ["NPM_ADMIN_EMAIL", "NPM_ADMIN_PASSWORD"]
     assert required_secrets("nope") == []
 
@@ -308,7 +310,15 @@ def test_every_secret_of_the_table_has_a_rule_and_every_file_is_under_etc_homela
 def test_env_files_the_real_stacks_read_are_those_of_the_table() -> None:
     for role in known_roles(PROJECT):
         read = {f for s in _compose(role)["services"].values() for f in s.get("env_file", [])}
-        assert read == {f.path for f in ENV_FILES if f.role == role}
+        assert read == {f.path for f in ENV_FILES if f.role == role and f.stack}
+
+
+def test_the_backup_env_file_is_the_units_not_the_stacks() -> None:
+    assert set(env_files("intranet")) - set(stack_env_files("intranet")) == {"/etc/homelab/backup.env"}
+    backup = env_files("intranet")["/etc/homelab/backup.env"]
+    assert backup.constants["RESTIC_REPOSITORY"].startswith("/srv/backups/"), "on the backups volume"
+    keep = {name: int(value) for name, value in backup.constants.items() if name.startswith("HOMELAB_BACKUP_KEEP_")}
+    assert keep == {"HOMELAB_BACKUP_KEEP_DAILY": 7, "HOMELAB_BACKUP_KEEP_WEEKLY": 4, "HOMELAB_BACKUP_KEEP_MONTHLY": 6}
 
 
 def test_role_env_files_are_what_cloud_init_must_write(secrets: dict[str, dict[str, str]]) -> None:
@@ -320,6 +330,10 @@ def test_role_env_files_are_what_cloud_init_must_write(secrets: dict[str, dict[s
     )
     assert files["/etc/homelab/grafana.env"] == (
         "GF_SECURITY_ADMIN_USER='admin'\nGF_SECURITY_ADMIN_PASSWORD='test only: grafana admin'\n"
+    )
+    assert files["/etc/homelab/backup.env"] == (
+        "RESTIC_REPOSITORY='/srv/backups/restic'\nHOMELAB_BACKUP_KEEP_DAILY='7'\nHOMELAB_BACKUP_KEEP_WEEKLY='4'\n"
+        "HOMELAB_BACKUP_KEEP_MONTHLY='6'\nRESTIC_PASSWORD='test-only-restic-repository-key'\n"
     )
     assert set(role_env_files("extranet", secrets)) == {"/etc/homelab/npm.env"}
 
@@ -343,6 +357,8 @@ def test_role_env_files_refuse_a_missing_or_weak_secret() -> None:
         ("GRAFANA_ADMIN_PASSWORD", "with 'quote' inside", "single quotes"),
         ("NPM_ADMIN_EMAIL", "admin@example.org", None),
         ("NPM_ADMIN_EMAIL", "admin", "email address"),
+        ("RESTIC_PASSWORD", "x" * 20, None),
+        ("RESTIC_PASSWORD", "x" * 19, "too weak: 19 characters, at least 20"),
         ("ANY_OTHER", "tab\there", "control characters"),
     ],
 )

@@ -1,0 +1,267 @@
+"""The intranet's backup script for real (marked `host`: local programs, no VM; about 50 s on 2 busy cores).
+
+images/files/intranet/homelab-backup runs unchanged with this host's restic and PostgreSQL, its external commands
+replaced through its settings: the "live" database is a throwaway cluster (initdb, run as the postgres user on a unix
+socket in the test's directory, bootstrap superuser immich as in the stack) dumped by the host's pg_dumpall; verify's
+scratch PostgreSQL is tests/integration/scratch-postgres instead of a container; the files are a small tree shaped
+like the VM's /srv (Immich's originals, a service's config, a cache). The settings file is the one cloud-init writes
+(builder.compose.role_env_files), with the repository moved into the test's directory by the environment.
+
+- backup records a `db` snapshot holding the dump and a `files` snapshot without the excluded cache;
+- verify restores both and passes; it names a live file whose content differs from its backup at the same size and
+  mtime (silent corruption), skips one changed since the backup, and fails on a dump that does not restore;
+- a failing dump fails the backup and records no `db` snapshot (restic --stdin-from-command), the files still backed
+  up;
+- forget applies the keep policy per tag, check reads its data subset; before the first backup, check, verify and
+  forget have nothing to do and say so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.compose import role_env_files
+from builder.site import load_secrets
+from tests.conftest import FIXTURES, PROJECT
+
+pytestmark = pytest.mark.host
+
+SCRIPT = PROJECT / "images" / "files" / "intranet" / "homelab-backup"
+SCRATCH_PG = Path(__file__).resolve().with_name("scratch-postgres")
+# PostgreSQL refuses to run as root: the clusters run as the user the postgresql package creates.
+PG_USER = "postgres"
+ROWS = [("IMG_0001.jpg", "2024-07-14"), ("IMG_0002.heic", "2025-01-01"), ("VID_0003.mp4", "2026-03-02")]
+
+
+def pg_bin() -> Path:
+    """The newest installed PostgreSQL's binaries (Debian's layout: /usr/lib/postgresql/VERSION/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not found:
+        pytest.fail("no PostgreSQL server: install the Debian package postgresql (setup.sh does)")
+    return found[-1].parent
+
+
+def restic_supports_stdin_from_command() -> bool:
+    out = subprocess.run(["restic", "backup", "--help"], capture_output=True, text=True, check=False).stdout
+    return "--stdin-from-command" in out
+
+
+@dataclass
+class Lab:
+    root: Path
+    live: Path  # the live cluster's data and socket directory
+    srv: Path  # stands for the VM's /srv
+    bin: Path
+    env: dict[str, str]
+
+    def backup(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SCRIPT), *args], env={**self.env, **env}, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    def ok(self, *args: str, **env: str) -> str:
+        result = self.backup(*args, **env)
+        assert result.returncode == 0, f"{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def snapshots(self, tag: str) -> list[dict[str, object]]:
+        out = self.ok("restic", "snapshots", "--tag", tag, "--json")
+        snapshots: list[dict[str, object]] = json.loads(out)
+        return snapshots
+
+    def psql(self, sql: str) -> str:
+        return as_postgres(str(self.bin / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(self.live),
+                           "-U", "immich", "-d", "immich", "-c", sql)
+
+
+def as_postgres(*argv: str) -> str:
+    return subprocess.run(["runuser", "-u", PG_USER, "--", *argv], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def _start_live_cluster(bin_dir: Path, live: Path) -> None:
+    live.mkdir(mode=0o700)
+    shutil.chown(live, PG_USER, PG_USER)
+    as_postgres(str(bin_dir / "initdb"), "--pgdata", str(live / "data"), "--username", "immich", "--auth", "trust",
+                "--no-sync")
+    as_postgres(str(bin_dir / "pg_ctl"), "--pgdata", str(live / "data"), "--log", str(live / "server.log"), "--wait",
+                "--options", f"-k {live} -c listen_addresses=", "start")
+    as_postgres(str(bin_dir / "psql"), "-X", "-q", "-h", str(live), "-U", "immich", "-d", "postgres",
+                "-c", "CREATE DATABASE immich")
+
+
+def _write_srv(srv: Path) -> None:
+    files = {
+        "photos/library/admin/2024/IMG_0001.jpg": b"\xff\xd8\xff jpeg 1" * 100,
+        "photos/upload/u1/IMG_0002.heic": b"heic " * 300,
+        "photos/upload/u1/VID_0003.mp4": os.urandom(64 * 1024),
+        "photos/thumbs/u1/IMG_0002.webp": b"regenerated by Immich",
+        "appdata/grafana/grafana.ini": b"[server]\nhttp_port = 3000\n",
+        "appdata/jellyfin/config/system.xml": b"<ServerConfiguration/>\n",
+        "appdata/jellyfin/cache/images/x.jpg": b"cache",
+    }
+    for name, content in files.items():
+        path = srv / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if shutil.which("restic") is None or not restic_supports_stdin_from_command():
+        pytest.fail("restic >= 0.17 needed (--stdin-from-command): setup.sh installs it")
+    bin_dir = pg_bin()
+    # Not under pytest's tmp_path (0700, root's): the postgres user must reach its clusters' directories.
+    root = Path(tempfile.mkdtemp(prefix="homelab-backup-test-", dir="/var/tmp"))
+    root.chmod(0o755)
+    live = root / "live"
+    try:
+        _start_live_cluster(bin_dir, live)
+        yield _make_lab(root, live, bin_dir)
+    finally:
+        if (live / "data" / "postmaster.pid").exists():
+            subprocess.run(["runuser", "-u", PG_USER, "--", str(bin_dir / "pg_ctl"), "--pgdata", str(live / "data"),
+                            "--mode", "immediate", "--wait", "stop"], capture_output=True, check=False, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _make_lab(root: Path, live: Path, bin_dir: Path) -> Lab:
+    srv = root / "srv"
+    _write_srv(srv)
+    # The settings file exactly as cloud-init writes it on the VM; the environment moves the repository here.
+    env_file = root / "backup.env"
+    env_file.write_text(role_env_files("intranet", load_secrets(FIXTURES / "site" / "test-secrets.yaml"))
+                        ["/etc/homelab/backup.env"])
+    env = {
+        "PATH": os.environ["PATH"],
+        "LANG": "C.UTF-8",
+        "HOMELAB_BACKUP_ENV_FILE": str(env_file),
+        "RESTIC_REPOSITORY": str(root / "repo"),
+        "RESTIC_CACHE_DIR": str(root / "cache"),
+        "HOMELAB_BACKUP_TMPDIR": str(root / "tmp"),
+        "HOMELAB_BACKUP_SCRATCH": str(root / "scratch"),
+        "HOMELAB_BACKUP_DUMP_COMMAND": f"runuser -u {PG_USER} -- {bin_dir / 'pg_dumpall'} --clean --if-exists "
+                                       f"-h {live} -U immich",
+        "HOMELAB_BACKUP_SCRATCH_PG": str(SCRATCH_PG),
+        "PG_BIN": str(bin_dir),
+        # As on the VM: Immich's originals (not thumbs/), the services' state without caches.
+        "HOMELAB_BACKUP_PATHS": f"{srv}/photos/library {srv}/photos/upload {srv}/photos/profile {srv}/appdata",
+        "HOMELAB_BACKUP_EXCLUDES": f"{srv}/appdata/jellyfin/cache",
+    }
+    lab = Lab(root, live, srv, bin_dir, env)
+    lab.psql("CREATE TABLE assets (id serial PRIMARY KEY, file text NOT NULL, taken date NOT NULL)")
+    for file, taken in ROWS:
+        lab.psql(f"INSERT INTO assets (file, taken) VALUES ('{file}', '{taken}')")
+    lab.ok("backup")
+    return lab
+
+
+def test_backup_records_the_dump_and_the_files(lab: Lab) -> None:
+    assert not (lab.root / "repo").is_symlink() and (lab.root / "repo" / "config").is_file(), "initialised"
+    [db] = lab.snapshots("db")
+    assert db["paths"] == ["/immich.sql"]
+    dump = lab.ok("restic", "dump", "latest", "--tag", "db", "/immich.sql")
+    assert "CREATE DATABASE immich" in dump and all(file in dump for file, _ in ROWS)
+    [files] = lab.snapshots("files")
+    listed = lab.ok("restic", "ls", str(files["id"]))
+    assert f"{lab.srv}/photos/upload/u1/VID_0003.mp4" in listed
+    assert f"{lab.srv}/appdata/grafana/grafana.ini" in listed
+    assert "/thumbs/" not in listed and "/jellyfin/cache" not in listed
+    assert f"skipping {lab.srv}/photos/profile: it does not exist" in lab.ok("backup")
+
+
+def test_settings_come_from_the_env_file_cloud_init_writes(lab: Lab) -> None:
+    # RESTIC_PASSWORD is in backup.env only: without the file, the script says where it comes from.
+    result = lab.backup("check", HOMELAB_BACKUP_ENV_FILE=str(lab.root / "missing.env"))
+    assert result.returncode == 1
+    assert "RESTIC_PASSWORD is not set" in result.stderr
+
+
+def test_before_the_first_backup_there_is_nothing_to_check_verify_or_forget(lab: Lab) -> None:
+    for command in ("check", "verify", "forget"):
+        out = lab.ok(command, RESTIC_REPOSITORY=str(lab.root / "not-yet"))
+        assert "yet: the first backup creates it" in out, command
+    assert not (lab.root / "not-yet").exists()
+
+
+def test_verify_restores_both_and_passes(lab: Lab) -> None:
+    out = lab.ok("verify")
+    assert "dumped again: identical" in out
+    assert re.search(r"files: snapshot \w+ restored: 5 identical, 0 changed since, 0 deleted since", out), out
+    assert list((lab.root / "scratch").iterdir()) == [], "the scratch space is removed"
+
+
+def test_verify_names_a_corrupt_file_and_skips_those_changed_since_the_backup(lab: Lab) -> None:
+    photo = lab.srv / "photos/library/admin/2024/IMG_0001.jpg"
+    config = lab.srv / "appdata/grafana/grafana.ini"
+    video = lab.srv / "photos/upload/u1/VID_0003.mp4"
+    saved = {path: (path.read_bytes(), path.stat()) for path in (photo, config, video)}
+    # Silent corruption: other bytes, same size and mtime. Then a config edited and a video deleted since the backup.
+    photo.write_bytes(saved[photo][0][:-4] + b"ROT!")
+    os.utime(photo, ns=(saved[photo][1].st_atime_ns, saved[photo][1].st_mtime_ns))
+    config.write_text("[server]\nhttp_port = 3001\n")
+    video.unlink()
+    try:
+        result = lab.backup("verify")
+    finally:
+        for path, (content, stat) in saved.items():
+            path.write_bytes(content)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert result.returncode == 1, result.stdout
+    assert f"files: {photo}: the restored copy differs from the live file" in result.stderr
+    assert "2 identical, 1 changed since, 1 deleted since" in result.stdout
+    assert "dumped again: identical" in result.stdout, "the database is still checked"
+
+
+def test_a_failing_dump_fails_the_backup_and_records_no_db_snapshot(lab: Lab) -> None:
+    before = len(lab.snapshots("db")), len(lab.snapshots("files"))
+    # The live server's socket is not there: pg_dumpall fails after restic started reading it.
+    result = lab.backup("backup", HOMELAB_BACKUP_DUMP_COMMAND=lab.env["HOMELAB_BACKUP_DUMP_COMMAND"].replace(
+        f"-h {lab.live}", f"-h {lab.root / 'nowhere'}"))
+    assert result.returncode == 1
+    assert "database backup:" in result.stderr
+    assert len(lab.snapshots("db")) == before[0], "no snapshot of a failed dump"
+    assert len(lab.snapshots("files")) == before[1] + 1, "the files are backed up all the same"
+
+
+def test_verify_fails_on_a_dump_that_does_not_restore(lab: Lab) -> None:
+    lab.ok("backup", HOMELAB_BACKUP_DUMP_COMMAND="printf 'CREATE TABLE broken (;\\n'")
+    try:
+        result = lab.backup("verify")
+        assert result.returncode == 1
+        assert "database: the backed-up dump does not restore: " in result.stderr
+        assert "syntax error" in result.stderr
+        assert "identical" in result.stdout, "the files are still verified"
+    finally:
+        lab.ok("backup")  # a good latest dump again for the tests below
+
+
+def test_forget_keeps_the_policy_per_tag(lab: Lab) -> None:
+    assert len(lab.snapshots("db")) >= 3
+    out = lab.ok("forget", HOMELAB_BACKUP_KEEP_DAILY="1", HOMELAB_BACKUP_KEEP_WEEKLY="0",
+                 HOMELAB_BACKUP_KEEP_MONTHLY="0")
+    assert "Applying Policy: keep 1 daily snapshots" in out, out
+    assert len(lab.snapshots("db")) == 1 and len(lab.snapshots("files")) == 1
+
+
+def test_forget_refuses_a_keep_setting_that_is_not_a_number(lab: Lab) -> None:
+    result = lab.backup("forget", HOMELAB_BACKUP_KEEP_DAILY="seven")
+    assert result.returncode == 1
+    assert "HOMELAB_BACKUP_KEEP_DAILY: expected a number of snapshots, got 'seven'" in result.stderr
+
+
+def test_check_reads_the_seventh_of_the_data_the_weekday_picks(lab: Lab) -> None:
+    out = lab.ok("check")
+    # restic: "read group #N of M data packs (out of total P packs in 7 groups)"
+    assert re.search(rf"read group #{datetime.date.today().isoweekday()} of .* in 7 groups", out), out
+    assert "no errors were found" in out
