@@ -16,16 +16,18 @@ from pathlib import Path
 
 from bench._common import project_copy, report, timed
 from builder import build
+from builder.progress import Silent
 from builder.runner import run_streaming
+from builder.settings import Settings
 
 
-def bare_dib(settings: build.Settings, role: str) -> None:
+def bare_dib(settings: Settings, role: str) -> None:
     plan = build.plan_build(settings, role, refresh=True)
     work = Path(tempfile.mkdtemp(prefix="bare-dib-", dir="/var/tmp"))
     try:
         stage = work / "stage"
         # The same baked tree the builder would stage (DIB's homelab-bake element copies it).
-        ctx = build.BuildContext(settings=settings, plan=plan, reporter=build.Silent(), workdir=work)
+        ctx = build.BuildContext(settings=settings, plan=plan, reporter=Silent(), workdir=work)
         build.stage_baked_files(ctx)
         env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
