@@ -16,13 +16,12 @@ import yaml
 from builder.definition import load_role
 from builder.firewall import ZONES_DIR, allowed, ruleset, zones_file
 from builder.site import load_site
-from tests.netlab import BRIDGE, ZoneNetwork, ns, sh
+from tests.netlab import ZoneNetwork, ns, sh
 
 pytestmark = pytest.mark.host
 
 PROJECT = Path(__file__).resolve().parents[2]
 SITE = load_site(PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml")
-VM_NS, CONTAINER_NS = "hl-vm", "hl-ctr"
 CONTAINER = "172.30.0.2"
 LISTEN = """
 import socket, sys, time
@@ -48,24 +47,24 @@ def _listen(namespace: str, ports: list[int]) -> subprocess.Popen[str]:
     return proc
 
 
-def _emulated_vm(role: str, tmp: Path) -> None:
-    """The VM's namespace: the site address on the bridge, a container behind `br-test`, Docker-style DNAT."""
+def _emulated_vm(network: ZoneNetwork, role: str, tmp: Path) -> tuple[str, str]:
+    """The VM's namespace: the site address on the bridge, a container behind `br-test`, Docker-style DNAT.
+    Returns the VM's and the container's namespaces."""
     address = SITE.host(role).address
-    sh("ip", "netns", "add", VM_NS)
-    ns(VM_NS, "ip", "link", "set", "lo", "up")
-    sh("ip", "link", "add", f"v{VM_NS}", "type", "veth", "peer", "name", "eth1", "netns", VM_NS)
-    sh("ip", "link", "set", f"v{VM_NS}", "master", BRIDGE, "up")
-    ns(VM_NS, "ip", "addr", "add", address, "dev", "eth1")
-    ns(VM_NS, "ip", "link", "set", "eth1", "up")
-    ns(VM_NS, "ip", "route", "add", "default", "via", SITE.gateway)
-    ns(VM_NS, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    sh("ip", "netns", "add", CONTAINER_NS)
-    sh("ip", "link", "add", "br-test", "netns", VM_NS, "type", "veth", "peer", "name", "eth0", "netns", CONTAINER_NS)
-    ns(VM_NS, "ip", "addr", "add", "172.30.0.1/24", "dev", "br-test")
-    ns(VM_NS, "ip", "link", "set", "br-test", "up")
-    ns(CONTAINER_NS, "ip", "addr", "add", f"{CONTAINER}/24", "dev", "eth0")
-    ns(CONTAINER_NS, "ip", "link", "set", "eth0", "up")
-    ns(CONTAINER_NS, "ip", "route", "add", "default", "via", "172.30.0.1")
+    vm_ns, container_ns = network.namespace("vm"), network.namespace("ctr")
+    network.extra_namespaces += [vm_ns, container_ns]
+    sh("ip", "netns", "add", vm_ns)
+    ns(vm_ns, "ip", "link", "set", "lo", "up")
+    network.attach(vm_ns, "eth1", address)
+    ns(vm_ns, "ip", "route", "add", "default", "via", SITE.gateway)
+    ns(vm_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "netns", "add", container_ns)
+    sh("ip", "link", "add", "br-test", "netns", vm_ns, "type", "veth", "peer", "name", "eth0", "netns", container_ns)
+    ns(vm_ns, "ip", "addr", "add", "172.30.0.1/24", "dev", "br-test")
+    ns(vm_ns, "ip", "link", "set", "br-test", "up")
+    ns(container_ns, "ip", "addr", "add", f"{CONTAINER}/24", "dev", "eth0")
+    ns(container_ns, "ip", "link", "set", "eth0", "up")
+    ns(container_ns, "ip", "route", "add", "default", "via", "172.30.0.1")
     published = ",".join(map(str, published_ports(role)))
     docker_nat = ("table ip dockerish {\n  chain prerouting {\n    type nat hook prerouting priority dstnat;\n"
                   f"    iifname != \"br-test\" tcp dport {{ {published} }} dnat to {CONTAINER}\n  }}\n}}\n")
@@ -75,8 +74,9 @@ def _emulated_vm(role: str, tmp: Path) -> None:
     rules = tmp / "firewall.nft"
     rules.write_text(ruleset(load_role(PROJECT, role)).replace(ZONES_DIR, str(zones)))
     (tmp / "docker.nft").write_text(docker_nat)
-    ns(VM_NS, "nft", "-f", str(rules))
-    ns(VM_NS, "nft", "-f", str(tmp / "docker.nft"))
+    ns(vm_ns, "nft", "-f", str(rules))
+    ns(vm_ns, "nft", "-f", str(tmp / "docker.nft"))
+    return vm_ns, container_ns
 
 
 @pytest.fixture(params=["intranet", "extranet"])
@@ -87,19 +87,17 @@ def role_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         request.node.network = network
         procs: list[subprocess.Popen[str]] = []
         try:
-            _emulated_vm(role, tmp_path)
+            vm_ns, container_ns = _emulated_vm(network, role, tmp_path)
+            request.node.vm_ns = vm_ns
             ports = [e["port"] for e in load_role(PROJECT, role)["ports"] if e["proto"] == "tcp"]
             containers = published_ports(role)
-            procs.append(_listen(VM_NS, [p for p in ports if p not in containers] + [5432, 6379]))
-            procs.append(_listen(CONTAINER_NS, [*containers, 5432, 6379]))
+            procs.append(_listen(vm_ns, [p for p in ports if p not in containers] + [5432, 6379]))
+            procs.append(_listen(container_ns, [*containers, 5432, 6379]))
             yield role
         finally:
             for proc in procs:
                 proc.kill()
                 proc.wait()
-            sh("ip", "netns", "del", CONTAINER_NS, check=False)
-            sh("ip", "netns", "del", VM_NS, check=False)
-            sh("ip", "link", "del", f"v{VM_NS}", check=False)
 
 
 def test_the_matrix_holds_for_host_services_and_published_container_ports(
@@ -122,17 +120,19 @@ def test_a_banned_address_is_dropped_on_the_forward_hook_too(role_vm: str, reque
     port = published_ports(role_vm)[0]
     address = SITE.host(role_vm).address.split("/")[0]
     assert network.probe(lan, address, port) == "open"
-    ns(VM_NS, "nft", "add", "element", "inet", "homelab", "banned", f"{{ {lan.ip} timeout 60s }}")
+    ns(request.node.vm_ns, "nft", "add", "element", "inet", "homelab", "banned", f"{{ {lan.ip} timeout 60s }}")
     assert network.probe(lan, address, port, timeout=2) == "filtered"
     assert network.probe(lan, address, 22, timeout=2) == "filtered"
 
 
-def test_reloading_the_ruleset_keeps_other_tables(role_vm: str, tmp_path: Path) -> None:
+def test_reloading_the_ruleset_keeps_other_tables(role_vm: str, tmp_path: Path, request: pytest.FixtureRequest
+                                                  ) -> None:
+    vm_ns = request.node.vm_ns
     # The table is replaced whole, never `flush ruleset`: Docker's NAT survives a reload, and a reload twice in a
     # row (the boot loads it before and after cloud-init) works.
-    before = ns(VM_NS, "nft", "list", "table", "ip", "dockerish").stdout
-    ns(VM_NS, "nft", "-f", str(tmp_path / "firewall.nft"))
-    ns(VM_NS, "nft", "-f", str(tmp_path / "firewall.nft"))
-    assert ns(VM_NS, "nft", "list", "table", "ip", "dockerish").stdout == before
-    zone = ns(VM_NS, "nft", "list", "set", "inet", "homelab", "zone_lan").stdout
+    before = ns(vm_ns, "nft", "list", "table", "ip", "dockerish").stdout
+    ns(vm_ns, "nft", "-f", str(tmp_path / "firewall.nft"))
+    ns(vm_ns, "nft", "-f", str(tmp_path / "firewall.nft"))
+    assert ns(vm_ns, "nft", "list", "table", "ip", "dockerish").stdout == before
+    zone = ns(vm_ns, "nft", "list", "set", "inet", "homelab", "zone_lan").stdout
     assert "10.99.0.0/24" in zone

@@ -24,7 +24,7 @@ from builder import localvm
 from builder.build import remove_workdir
 from builder.definition import known_roles
 from builder.settings import Settings, load_settings
-from tests.netlab import BRIDGE, ZoneNetwork
+from tests.netlab import ZoneNetwork
 from tests.standins.images import build_standins, push_standins
 from tests.standins.registry import LoopbackRegistry
 
@@ -108,7 +108,7 @@ def booted(request: pytest.FixtureRequest, settings: Settings, network: ZoneNetw
     homelab("build", "image", role)
     localvm.stop(settings, role)
     state = localvm.boot(settings, role, localvm.BootOptions(site_path=TEST_SITE, secrets_path=TEST_SECRETS,
-                                                             bridge=BRIDGE))
+                                                             bridge=network.bridge))
     yield state
     keep = os.environ.get("HOMELAB_KEEP_VM", "")
     if keep == "always" or (keep == "on_error" and request.cls.failed):
