@@ -65,7 +65,9 @@ _BLOCK = re.compile(r"-----BEGIN ([A-Za-z0-9 ]+)-----\n(.*?)\n?-----END \1-----(
 
 def pem_problem(secret: PemSecret, value: str) -> str | None:
     """Why `value` is not what `secret` must hold (never quoting the value), or None."""
-    text = value.replace("\r\n", "\n").strip() + "\n"
+    # Comment lines around the blocks are kept and ignored (`openvpn --genkey` writes some before its key).
+    lines = value.replace("\r\n", "\n").splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("#")).strip() + "\n"
     blocks = list(_BLOCK.finditer(text))
     if not blocks or "".join(b.group(0) for b in blocks).strip() != text.strip():
         return f"expected {secret.what}: -----BEGIN {secret.labels[0]}----- ... -----END {secret.labels[0]}-----"
