@@ -18,7 +18,16 @@ from builder.cloudinit import render_seed
 from builder.definition import load_role
 from builder.errors import DefinitionError
 from builder.site import Site, load_secrets, load_site
-from builder.vpn import INTERFACE, KEY_PATH, PEM_SECRET_NAMES, PEM_SECRETS, SERVER_CONF, SITE_CONF, site_conf
+from builder.vpn import (
+    INTERFACE,
+    KEY_PATH,
+    PEM_SECRET_NAMES,
+    PEM_SECRETS,
+    SERVER_CONF,
+    SITE_CONF,
+    client_profile,
+    site_conf,
+)
 from tests.conftest import FIXTURES, PROJECT
 
 STACK_SECRETS = load_secrets(FIXTURES / "site" / "test-secrets.yaml")
@@ -185,3 +194,8 @@ def test_the_unit_is_skipped_not_failed_without_its_key() -> None:
     assert f"ConditionPathExists={KEY_PATH}" in lines
     assert f"ConditionPathExists={SITE_CONF}" in lines
     assert not any(line.startswith("AssertPathExists") for line in lines)
+
+
+def test_the_readme_client_profile_is_the_one_the_host_test_connects_with() -> None:
+    readme = (PROJECT / "README.md").read_text()
+    assert "\n" + client_profile("vpn.example.org") + "<ca>\n" in readme
