@@ -69,3 +69,10 @@ def test_ip_forwarding_is_on_for_the_vpn(host: Host) -> None:
     # Read from /proc: the image need not have procps; systemd-sysctl applies sysctl.d itself.
     assert host.file("/proc/sys/net/ipv4/ip_forward").content_string.strip() == "1"
     assert host.file("/etc/sysctl.d/60-homelab-forward.conf").contains("^net.ipv4.ip_forward = 1$")
+
+
+def test_docker_left_the_forward_policy_alone(host: Host) -> None:
+    # Forwarding was on before Docker started, so Docker did not set FORWARD to DROP (which would drop the VPN's
+    # clients on their way to the LAN); the homelab table's forward chain is what filters.
+    policy = host.check_output("sudo iptables -S FORWARD").splitlines()[0]
+    assert policy == "-P FORWARD ACCEPT", policy
