@@ -132,7 +132,7 @@ def _wait_for(log: Path, text: str, procs: list[subprocess.Popen[bytes]], second
 def tunnel(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     """The three namespaces, the firewall, the LAN host's listener, the server and a connected client."""
     procs: list[subprocess.Popen[bytes]] = []
-    lan_host = None
+    lan_host: subprocess.Popen[str] | None = None
     _remove()
     try:
         _network()
@@ -153,9 +153,12 @@ def tunnel(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
         _wait_for(tmp_path / "client.log", "Initialization Sequence Completed", procs)
         yield lan_host
     finally:
-        for proc in [*procs, *([lan_host] if lan_host else [])]:
+        for proc in procs:
             proc.kill()
             proc.wait()
+        if lan_host is not None:
+            lan_host.kill()
+            lan_host.wait()
         _remove()
 
 
