@@ -32,6 +32,7 @@ from .definition import load_role
 from .errors import RenderError
 from .firewall import ZONES_FILE, zones_file
 from .site import Site, load_secrets, load_site, ssh_key_problem
+from .vpn import PEM_SECRET_NAMES, vpn_files
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 TEMPLATES = "cloudinit"
@@ -106,8 +107,9 @@ def _render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> s
 
 
 def secrets_env(role: str, secrets: Mapping[str, Mapping[str, str]]) -> str:
-    """KEY=value lines, common first; a role's value replaces a common one of the same name."""
-    merged = merged_secrets(role, secrets)
+    """KEY=value lines, common first; a role's value replaces a common one of the same name. The PEM secrets
+    are left out: multi-line, they are written as their own files (vpn_files)."""
+    merged = {name: value for name, value in merged_secrets(role, secrets).items() if name not in PEM_SECRET_NAMES}
     for name, value in merged.items():
         if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
             raise RenderError(f"secret {name} of {role}: must be a one-line string (it becomes a KEY=value line)")
@@ -182,7 +184,9 @@ def render_seed(
         "ssh_authorized_keys": _ssh_keys(site, extra_ssh_keys),
         "host_json": json.dumps(host_info, indent=2, sort_keys=True) + "\n",
         "secrets_env": secrets_env(role, secrets),
-        "host_files": host_files(role, site, secrets),
+        "host_files": [*host_files(role, site, secrets),
+                       *vpn_files(role, site, merged_secrets(role, secrets), definition["vpn_gateway"],
+                                  f"images/{role}.yaml")],
         "firewall_zones_path": ZONES_FILE,
         "firewall_zones": zones_file(site.zones, extra_zones),
     })

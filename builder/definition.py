@@ -9,6 +9,7 @@ from typing import Any
 from .errors import DefinitionError, UnknownRoleError
 from .fields import Bool, Field, Int, ListOf, Record, Str, check_mapping, help_rows
 from .site import ZONES, NonEmptyListOf
+from .vpn import PEM_SECRETS, SITE_CONF
 from .yamlload import load_located
 
 # Debian release names by the `base` values the tool supports.
@@ -126,6 +127,10 @@ IMAGE_FIELDS = [
     Field("ports", ListOf(Record(PORT_FIELDS, "a port entry")),
           "Ports the VM serves and the zones each is open to: the role's firewall matrix. A compose stack may "
           "publish only these.", default=list),
+    Field("vpn_gateway", Bool(),
+          "The VM serves OpenVPN and routes its clients (site zones.vpn) to the LAN (zones.lan): the firewall "
+          "forwards tun0 to the LAN and masquerades it, cloud-init writes the VPN's secrets and site lines.",
+          default=False),
 ]
 
 
@@ -173,8 +178,10 @@ def load_role(project: Path, role: str) -> ImageDefinition:
 
 
 # Destinations the build itself writes (image info, baked list, the firewall ruleset of builder/firewall.py) or
-# cloud-init writes at boot (the firewall's zones): a definition's file must not replace them.
-RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list", "/etc/homelab/firewall.nft")
+# cloud-init writes at boot (the firewall's zones, OpenVPN's secrets and site lines): a definition's file must not
+# replace them.
+RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list", "/etc/homelab/firewall.nft",
+                         SITE_CONF, *(secret.path for secret in PEM_SECRETS))
 RESERVED_TREES = ("/opt/homelab/compose/", "/var/lib/homelab/images/", "/etc/homelab/firewall.d/")
 
 

@@ -11,6 +11,11 @@ so reloading it leaves Docker's own tables alone.
 What is baked (the matrix) and what arrives at boot (the zones' networks, per-site facts from cloud-init)
 are split: until the zones file is written every zone set is empty and only loopback, containers and replies
 get in — a first boot is closed, never open.
+
+A role that routes the VPN (`vpn_gateway: true`, builder/vpn.py) also forwards its tunnel's clients to the LAN and
+masquerades them there. Masquerade rather than a route back: the owner's router is an ISP box that takes no static
+route, so a LAN host would send its replies to 10.8.0.x to the ISP box's default route and they would be lost;
+behind the VM's own address they come back to it. The cost: LAN hosts see the VM, not which VPN client.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from .definition import ImageDefinition
 from .errors import RenderError
 from .site import ZONES
+from .vpn import INTERFACE as VPN_INTERFACE
 
 TABLE = "inet homelab"
 # Baked; loaded by homelab-firewall.service before the network comes up and again once cloud-init wrote zones.
@@ -49,6 +55,27 @@ def _port_rules(ports: Iterable[Mapping[str, object]], match: str) -> list[str]:
             rules.append(f"{match.format(proto=proto, port=port)} ip saddr @{zone_set(zone)} accept"
                          f"  # {entry['service']}")
     return rules
+
+
+def _vpn_forward(definition: ImageDefinition) -> list[str]:
+    """VPN clients reach the LAN: only from the tunnel, only from the VPN zone's addresses."""
+    if not definition["vpn_gateway"]:
+        return []
+    return [f'        iifname "{VPN_INTERFACE}" ip saddr @{zone_set("vpn")} ip daddr @{zone_set("lan")} accept'
+            "  # openvpn clients to the LAN"]
+
+
+def _vpn_nat(definition: ImageDefinition) -> list[str]:
+    """LAN hosts answer the VM, not a tunnel address they have no route to (see the module's docstring)."""
+    if not definition["vpn_gateway"]:
+        return []
+    return [
+        "",
+        "    chain postrouting {",
+        "        type nat hook postrouting priority srcnat; policy accept;",
+        f'        ip saddr @{zone_set("vpn")} oifname != "{VPN_INTERFACE}" masquerade',
+        "    }",
+    ]
 
 
 def ruleset(definition: ImageDefinition) -> str:
@@ -91,7 +118,9 @@ def ruleset(definition: ImageDefinition) -> str:
         f"        ip saddr @{BANNED_SET} drop",
         *containers,
         *[f"        {rule}" for rule in forward_rules],
+        *_vpn_forward(definition),
         "    }",
+        *_vpn_nat(definition),
         "}",
         f'include "{ZONES_DIR}/*.nft"',
     ]

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import DefinitionError
 from .fields import Field, Kind, ListOf, MapOf, Record, Str, check_mapping, help_rows
+from .vpn import PEM_SECRET_NAMES
 from .yamlload import KeyPath, Located, dotted, load_located
 
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -174,13 +175,16 @@ class Timezone(Str):
 
 
 class SecretValue(Str):
-    """A secret: any string on one line, since each becomes one KEY=value line of secrets.env."""
+    """A secret: any string on one line, since each becomes one KEY=value line of secrets.env. The PEM secrets
+    (builder/vpn.py) are the exception: multi-line, they are written as their own files, never as env lines."""
 
     def __init__(self) -> None:
         super().__init__(what="a string")
 
     def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
         text = super().check(value, keypath, doc)
+        if keypath and keypath[-1] in PEM_SECRET_NAMES and "\0" not in text:
+            return text
         if any(c in text for c in "\r\n\0"):
             raise DefinitionError(
                 f"{doc.where(keypath)}: {dotted(keypath)}: a secret must be one line (it becomes a KEY=value line)"

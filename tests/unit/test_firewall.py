@@ -67,3 +67,23 @@ def test_allowed_reads_the_matrix(source: str, port: int, expected: bool) -> Non
 def test_the_firewall_files_are_reserved_from_definitions() -> None:
     assert RULESET_DEST in RESERVED_DESTINATIONS
     assert ZONES_FILE.startswith(RESERVED_TREES)
+
+
+def test_the_vpn_gateway_forwards_its_clients_to_the_lan_and_masquerades_them() -> None:
+    definition = load_role(PROJECT, "extranet")
+    assert definition["vpn_gateway"] is True
+    text = ruleset(definition)
+    forward = text.split("chain forward {", 1)[1].split("}", 1)[0]
+    assert 'iifname "tun0" ip saddr @zone_vpn ip daddr @zone_lan accept' in forward
+    nat = text.split("chain postrouting {", 1)[1].split("}", 1)[0]
+    assert "type nat hook postrouting priority srcnat; policy accept;" in nat
+    assert 'ip saddr @zone_vpn oifname != "tun0" masquerade' in nat
+    # Still one table, replaced whole: the NAT chain is inside it, Docker's NAT stays its own.
+    assert text.count("table inet homelab {") == 1
+
+
+def test_a_role_that_does_not_route_the_vpn_has_no_tunnel_rules() -> None:
+    definition = load_role(PROJECT, "intranet")
+    assert definition["vpn_gateway"] is False
+    text = ruleset(definition)
+    assert "tun0" not in text and "postrouting" not in text and "masquerade" not in text
