@@ -12,9 +12,15 @@ what the applier relies on, taken from NPM's source (github.com/NginxProxyManage
 - access lists carry their clients and items only when asked (?expand=clients,items), as NPM's list endpoint
   does; proxy hosts come back with NPM's defaults for the fields a request left out, and with NPM's own status
   keys in meta (nginx_online, nginx_err);
-- NPM refuses a second proxy host for a domain already in use (400).
+- NPM refuses a second proxy host for a domain already in use (400; NPM also counts redirection and dead hosts,
+  which the emulator does not have) (backend/internal/proxy-host.js);
+- an update replaces meta whole, then NPM sets its status keys (backend/internal/proxy-host.js: `.patch(data)`,
+  then internalNginx.configure);
+- like NPM's `nginx -t` after writing a host's config, which checks the whole configuration, a save while the
+  saved host or any online one names a limit_req zone that <data>/nginx/custom/http_top.conf does not declare
+  puts the saved host offline (meta.nginx_online false, nginx_err; NPM sets its config aside as .err).
 
-It is not NPM: it renders no nginx configuration and does not check advanced_config.
+It is not NPM: it renders no nginx configuration and checks nothing else of advanced_config.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ HOST_DEFAULTS: dict[str, Any] = {
     "forward_scheme": "http", "enabled": True, "locations": [], "hsts_enabled": False, "hsts_subdomains": False,
 }
 
+ZONE_DECLARED = re.compile(r"^limit_req_zone .*\bzone=([A-Za-z0-9_]+):", re.MULTILINE)
+ZONE_USED = re.compile(r"^limit_req zone=([A-Za-z0-9_]+)", re.MULTILINE)
+
 
 class ApiError(Exception):
     def __init__(self, code: int, message: str) -> None:
@@ -51,8 +60,9 @@ class ApiError(Exception):
 class NpmEmulator:
     """State plus a log of every request: (method, path, body)."""
 
-    def __init__(self, email: str, password: str, not_ready_for: int = 0) -> None:
+    def __init__(self, email: str, password: str, data_dir: Path, not_ready_for: int = 0) -> None:
         self.email, self.password = email, password
+        self.data_dir = data_dir  # NPM's /data
         self.not_ready_for = not_ready_for  # GET /api/ answers 502 this many times, as while NPM starts
         self.tokens: set[str] = set()
         self.access_lists: dict[int, dict[str, Any]] = {}
@@ -136,11 +146,11 @@ class NpmEmulator:
             return 200, [self._list_view(a, expand) for a in self.access_lists.values()]
         if method == "POST" and ident is None:
             self._validate("POST /nginx/access-lists", body)
-            row = {**self._stamp(), "name": body["name"], "meta": body.get("meta", {}),
+            new = {**self._stamp(), "name": body["name"], "meta": body.get("meta", {}),
                    "satisfy_any": body.get("satisfy_any", False), "pass_auth": body.get("pass_auth", False),
                    "clients": body.get("clients", []), "items": body.get("items", [])}
-            self.access_lists[row["id"]] = row
-            return 201, self._list_view(row, {"clients", "items"})
+            self.access_lists[new["id"]] = new
+            return 201, self._list_view(new, {"clients", "items"})
         row = self.access_lists.get(ident or 0)
         if row is None:
             raise ApiError(404, f"Access list {ident} not found")
@@ -182,7 +192,7 @@ class NpmEmulator:
             self._validate("PUT /nginx/proxy-hosts/{id}", body)
             self._check_host(body, row["id"])
             row.update(body)
-            row["meta"] = {**body.get("meta", row["meta"]), "nginx_online": True, "nginx_err": None}
+            self._configure(row)
             return 200, row
         if method == "DELETE":
             del self.proxy_hosts[row["id"]]
@@ -200,9 +210,22 @@ class NpmEmulator:
     def _create_host(self, body: dict[str, Any]) -> dict[str, Any]:
         self._check_host(body, None)
         row = {**self._stamp(), **json.loads(json.dumps(HOST_DEFAULTS)), **body}
-        row["meta"] = {**body.get("meta", {}), "nginx_online": True, "nginx_err": None}
         self.proxy_hosts[row["id"]] = row
+        self._configure(row)
         return row
+
+    def _configure(self, row: dict[str, Any]) -> None:
+        """NPM's status keys after its `nginx -t`: every limit_req zone a host names must be declared."""
+        try:
+            declared = set(ZONE_DECLARED.findall((self.data_dir / "nginx" / "custom" / "http_top.conf").read_text()))
+        except FileNotFoundError:
+            declared = set()
+        # NPM renames an offline host's config aside (.err), so only the saved host and the online ones count.
+        loaded = [h for h in self.proxy_hosts.values() if h is row or (h.get("meta") or {}).get("nginx_online", True)]
+        used = {zone for host in loaded for zone in ZONE_USED.findall(host["advanced_config"])}
+        unknown = sorted(used - declared)
+        error = f'nginx: [emerg] zone "{unknown[0]}" is unknown' if unknown else None
+        row["meta"] = {**row.get("meta", {}), "nginx_online": not unknown, "nginx_err": error}
 
 
 def _handler(emulator: NpmEmulator) -> type[BaseHTTPRequestHandler]:

@@ -33,8 +33,8 @@ EMAIL, PASSWORD = "admin@test.home.arpa", "correct-horse-battery"
 
 
 @pytest.fixture
-def emulator() -> NpmEmulator:
-    return NpmEmulator(EMAIL, PASSWORD)
+def emulator(tmp_path: Path) -> NpmEmulator:
+    return NpmEmulator(EMAIL, PASSWORD, data_dir=tmp_path / "data")
 
 
 @pytest.fixture
@@ -155,24 +155,52 @@ def test_a_ui_host_for_a_declared_domain_is_taken_over(emulator: NpmEmulator, ap
     assert apply(api, state_file).stdout.startswith("npm-apply: nothing to change")
 
 
-def test_a_dropped_rate_limit_keeps_its_zone_until_the_host_is_updated(
+def test_a_dropped_rate_zone_stays_declared_until_its_host_is_updated(
     emulator: NpmEmulator, api: str, state_file: Path
 ) -> None:
+    """photos is saved while media still names the zone being dropped: NPM's nginx test covers every host, so the
+    zone must still be declared then (else photos goes offline); the exact file is written at the end."""
     assert apply(api, state_file).returncode == 0
 
-    def no_rate_limit(state: dict[str, Any]) -> None:
-        host = next(h for h in state["proxy_hosts"] if h["payload"]["domain_names"] == ["media.example.org"])
-        host["payload"]["advanced_config"] = "\n".join(
-            line for line in host["payload"]["advanced_config"].splitlines() if not line.startswith("limit_req")
-        ) + "\n"
+    def drop_media_rate_limit_change_photos(state: dict[str, Any]) -> None:
+        media = next(h for h in state["proxy_hosts"] if h["payload"]["domain_names"] == ["media.example.org"])
+        media["payload"]["advanced_config"] = "".join(
+            line + "\n" for line in media["payload"]["advanced_config"].splitlines() if not line.startswith("limit_req")
+        )
+        state["proxy_hosts"].remove(media)
+        state["proxy_hosts"].append(media)  # media is saved last
+        photos = next(h for h in state["proxy_hosts"] if h["payload"]["domain_names"] == ["photos.example.org"])
+        photos["payload"]["advanced_config"] = photos["payload"]["advanced_config"].replace(" 3600s;", " 7200s;")
         state["http_top"] = state["http_top"].splitlines()[0] + "\n"
 
-    edit(state_file, no_rate_limit)
+    edit(state_file, drop_media_rate_limit_change_photos)
     result = apply(api, state_file)
     assert result.returncode == 0, result.stderr
+    assert emulator.host("photos.example.org")["meta"]["nginx_online"] is True
     assert "limit_req" not in emulator.host("media.example.org")["advanced_config"]
     assert "limit_req_zone" not in http_top(state_file)
     assert "dropped unused rate zones" in result.stdout
+
+
+def test_a_host_nginx_refuses_fails_the_run_and_is_saved_again(
+    emulator: NpmEmulator, api: str, state_file: Path
+) -> None:
+    """A state whose host names an undeclared zone: NPM keeps the host offline, the run fails naming it; once the
+    state is right, the next run saves it again although no field differs."""
+    good = state_file.read_text()
+    edit(state_file, lambda state: state.update(http_top="# no zones\n"))
+    result = apply(api, state_file)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ('npm-apply: media.example.org: NPM could not load it into nginx: '
+                                     'nginx: [emerg] zone "homelab_media_example_org" is unknown')
+    state_file.write_text(good)
+    before = len(emulator.writes())
+    result = apply(api, state_file)
+    assert result.returncode == 0, result.stderr
+    media = emulator.host("media.example.org")
+    assert emulator.writes()[before:] == [("PUT", f"/api/nginx/proxy-hosts/{media['id']}")]
+    assert "updated proxy host media.example.org: offline in NPM" in result.stdout
+    assert media["meta"]["nginx_online"] is True
 
 
 def _request(api: str, method: str, path: str, body: Any, token: str | None = None) -> tuple[int, Any]:
