@@ -31,6 +31,7 @@ from .ddclient import ddclient_files
 from .definition import load_role
 from .errors import RenderError
 from .firewall import ZONES_FILE, zones_file
+from .npm import DESIRED_PATH, NPM_ROLE, check_targets, desired_state_json
 from .site import Site, load_secrets, load_site, ssh_key_problem
 from .vpn import PEM_SECRET_NAMES, vpn_files
 
@@ -171,6 +172,8 @@ def render_seed(
     definition = load_role(project, role)  # an unknown role fails here, naming the known ones
     # The stack's secrets must be present and strong before anything boots (the lock is the build's concern).
     check_stack(project, definition, site, secrets, require_lock=False)
+    if role == NPM_ROLE and site["proxy_hosts"]:
+        check_targets(site, {entry["to"]: load_role(project, entry["to"]) for entry in site["proxy_hosts"]})
     host = site.host(role)
     nets = _networks(site, role, networks)
     fqdn = site.fqdn(role)
@@ -207,12 +210,15 @@ def render_role(project: Path, role: str, site_path: Path, secrets_path: Path | 
 
 
 def stack_files(role: str, site: Site, secrets: Mapping[str, Mapping[str, str]]) -> list[dict[str, str]]:
-    """Per-host files the role's compose stack reads: its env files (secrets, 0600) and, on the scraper,
-    Prometheus' targets (the other VMs' addresses: site facts, never baked)."""
+    """Per-host files the role's compose stack reads: its env files (secrets, 0600), on the scraper Prometheus'
+    targets (the other VMs' addresses: site facts, never baked) and on the proxy the desired proxy hosts (no
+    secret: 0644; absent without proxy_hosts, so homelab-npm-proxy-hosts.service is skipped by its condition)."""
     files = [{"path": path, "permissions": "0600", "content": content}
              for path, content in sorted(role_env_files(role, secrets).items())]
     if role == PROMETHEUS_SCRAPER and role in site.hosts:
         files.append({"path": PROMETHEUS_TARGETS, "permissions": "0644", "content": prometheus_node_targets(site)})
+    if role == NPM_ROLE and site["proxy_hosts"]:
+        files.append({"path": DESIRED_PATH, "permissions": "0644", "content": desired_state_json(site)})
     return files
 
 

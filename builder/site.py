@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DefinitionError
-from .fields import Field, Kind, ListOf, MapOf, Record, Str, check_mapping, help_rows
+from .fields import Bool, Field, Int, Kind, ListOf, MapOf, Record, Str, check_mapping, help_rows
 from .vpn import PEM_SECRET_NAMES
 from .yamlload import KeyPath, Located, dotted, load_located
 
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN = rf"{LABEL}(\.{LABEL})*"
+# A public name the proxy answers for: at least two labels (a bare label would never be resolved from outside).
+PUBLIC_NAME = rf"{LABEL}(\.{LABEL})+"
 # A POSIX login name; root is refused because cloud-init's disable_root locks it to key-less.
 USER_NAME = r"(?!root$)[a-z_][a-z0-9_-]{0,31}"
 TIMEZONE = r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*"
@@ -198,6 +200,25 @@ HOST_FIELDS = [
     Field("address", IPv4Interface(), "Static address with prefix; booting never waits for DHCP.", required=True),
 ]
 
+# proxy_hosts[]: one public name of the DMZ proxy (Nginx Proxy Manager), applied through NPM's API at boot
+# (builder/npm.py renders them, images/files/extranet/npm-apply applies them).
+PROXY_HOST_FIELDS = [
+    Field("domain", Str(pattern=PUBLIC_NAME, what="a lowercase host name like media.example.org"),
+          "Public name the proxy answers for.", required=True),
+    Field("to", Str(pattern=r"[a-z][a-z0-9-]*", what="a role of the site's hosts"),
+          "Role whose host (hosts.<role>.address) serves it.", required=True),
+    Field("port", Int(1, 65535), "Port of the service on that host.", required=True),
+    Field("access", NonEmptyListOf(Str(choices=ZONES)),
+          "Zones allowed in (an NPM access list of their networks, everyone else denied); default: everyone.",
+          default=None),
+    Field("timeout_s", Int(1, 86400), "Proxy read/send timeout in seconds.", default=60),
+    Field("rate_per_s", Int(1, 100000), "Requests per second per client address (burst twice that); default: no limit.",
+          default=None),
+    Field("websockets", Bool(), "Allow WebSocket upgrades.", default=True),
+    Field("max_body_mb", Int(0, 1048576), "Largest request body in MiB, 0 = unlimited (uploads); default: NPM's 2000.",
+          default=None),
+]
+
 # One row per key of site.yaml; a new section (e.g. proxmox:) is one more row, reachable as site["proxmox"].
 SITE_FIELDS = [
     Field("domain", Str(pattern=DOMAIN, what="a lowercase DNS domain like home.arpa"),
@@ -218,6 +239,8 @@ SITE_FIELDS = [
           "Firewall zones (" + ", ".join(ZONES) + "): zones.<zone> lists its IPv4 networks; image definitions "
           "name the zones each port is open to (ports[].from). Zones may overlap (the DMZ host is in the LAN).",
           default=dict),
+    Field("proxy_hosts", ListOf(Record(PROXY_HOST_FIELDS, "a proxy host mapping"), unique=False),
+          "Public names of the DMZ's Nginx Proxy Manager, applied through its API at every boot.", default=list),
 ]
 
 @dataclass(frozen=True)
@@ -261,6 +284,7 @@ def load_site(path: Path) -> Site:
         raise DefinitionError(f"{path}: expected a mapping of site keys at the top level")
     values = check_mapping(doc.data, SITE_FIELDS, (), doc)
     _check_hosts(values, doc)
+    _check_proxy_hosts(values, doc)
     hosts = {role: SiteHost(role, h["hostname"], h["address"]) for role, h in values["hosts"].items()}
     return Site(
         path=path,
@@ -294,6 +318,25 @@ def _check_hosts(values: dict[str, Any], doc: Located) -> None:
                     f"{doc.where(('hosts', role, key))}: hosts.{role}.{key}: {marker!r} is also {seen[marker]}"
                 )
             seen[marker] = f"hosts.{role}.{key}"
+
+
+def _check_proxy_hosts(values: dict[str, Any], doc: Located) -> None:
+    """Each proxy host targets a host of the site and names defined zones; a domain is proxied once."""
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(values["proxy_hosts"]):
+        def fail(key: str, problem: str, i: int = i) -> DefinitionError:
+            keypath = ("proxy_hosts", i, key)
+            return DefinitionError(f"{doc.where(keypath)}: {dotted(keypath)}: {problem}")
+
+        if entry["to"] not in values["hosts"]:
+            raise fail("to", f"{entry['to']!r} is not a host of the site (hosts: {', '.join(sorted(values['hosts']))})")
+        for zone in entry["access"] or ():
+            if zone not in values["zones"]:
+                # An undefined zone has no networks: its access list would let nobody in.
+                raise fail("access", f"zone {zone!r} is not defined in zones")
+        if entry["domain"] in seen:
+            raise fail("domain", f"{entry['domain']!r} is also proxy_hosts[{seen[entry['domain']]}].domain")
+        seen[entry["domain"]] = i
 
 
 def load_secrets(path: Path | None) -> dict[str, dict[str, str]]:

@@ -121,3 +121,16 @@ def test_docker_left_the_forward_policy_alone(host: Host) -> None:
     # clients on their way to the LAN); the homelab table's forward chain is what filters.
     policy = host.check_output("sudo iptables -S FORWARD").splitlines()[0]
     assert policy == "-P FORWARD ACCEPT", policy
+
+
+def test_proxy_hosts_unit_is_enabled_and_not_failed(host: Host) -> None:
+    """homelab-npm-proxy-hosts.service is baked and enabled. The test site declares no proxy_hosts, so cloud-init
+    writes no /etc/homelab/npm-proxy-hosts.json and the unit is skipped by its condition: never failed."""
+    unit = "homelab-npm-proxy-hosts.service"
+    assert host.service(unit).is_enabled
+    assert host.file("/usr/local/libexec/homelab/npm-apply").mode == 0o755
+    state = host.run(f"systemctl show --property=ActiveState,Result,ConditionResult {unit}").stdout
+    assert "ActiveState=failed" not in state
+    assert "Result=success" in state
+    if not host.file("/etc/homelab/npm-proxy-hosts.json").exists:
+        assert "ConditionResult=no" in state, state
