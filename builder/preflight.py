@@ -59,7 +59,7 @@ def run_preflight(site_path: Path, role: str | None, *, insecure: bool = False,
 
 def preflight(pve: Pve, site: Site, roles: list[str]) -> list[Check]:
     # The version call goes first and alone: a refused token or an unreachable host raises here, as one line.
-    checks = [check_version(pve.get("/version"))]
+    checks = [check_version(pve.get("/version")), check_tls(pve.target)]
     checks.append(check_node(pve))
     if checks[-1].failed:
         return checks  # the node's storages and network cannot be listed
@@ -81,6 +81,13 @@ def check_version(version: Mapping[str, Any]) -> Check:
         return fail("version", f"Proxmox VE {text} is older than 8.4: qcow2 uploads (content import) need 8.4",
                     "upgrade the node (apt update && apt full-upgrade)")
     return ok("version", f"Proxmox VE {text}")
+
+
+def check_tls(target: Target) -> Check:
+    """Reached at all means the certificate passed; an explicit insecure is shown, not failed."""
+    if target.tls.insecure:
+        return Check("tls", "skip", f"the certificate of {target.url} is NOT checked (insecure)")
+    return ok("tls", f"{target.url}: certificate {target.tls.describe()}")
 
 
 def check_node(pve: Pve) -> Check:

@@ -7,6 +7,7 @@ schema, so a new call cannot be used without its privileges appearing in the rol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,12 +17,14 @@ import ssl
 import time
 import urllib.parse
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from proxmoxer import ProxmoxAPI, ResourceException
 from requests.adapters import HTTPAdapter
 
@@ -81,8 +84,8 @@ def format_fingerprint(der: bytes) -> str:
 class FingerprintAdapter(HTTPAdapter):
     """Accepts exactly the certificate with this SHA-256 fingerprint (PVE's self-signed one), no CA involved.
 
-    urllib3 compares the peer certificate's digest after the handshake and fails the request otherwise;
-    requests must then be told verify=False so that no CA chain is demanded first.
+    urllib3 compares the peer certificate's digest after the handshake and fails the request otherwise (and
+    counts the connection as verified: no InsecureRequestWarning).
     """
 
     def __init__(self, fingerprint: str) -> None:
@@ -93,9 +96,10 @@ class FingerprintAdapter(HTTPAdapter):
         kwargs["assert_fingerprint"] = self.fingerprint
         super().init_poolmanager(*args, **kwargs)
 
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        super().cert_verify(conn, url, False, cert)
-        conn.assert_fingerprint = self.fingerprint
+    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
+             verify: bool | str = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+        # proxmoxer passes verify=True on every call; a CA check would refuse the self-signed certificate first.
+        return super().send(request, stream=stream, timeout=timeout, verify=False, cert=cert, proxies=proxies)
 
 
 @dataclass(frozen=True)
@@ -170,18 +174,23 @@ class Pve:
         """One API call; `path` is concrete (/nodes/pve/storage). The result's `data`."""
         resource = self.api(path.strip("/"))
         try:
-            if method == "GET":
-                return resource.get(**params)
-            if method == "POST":
-                return resource.post(**params)
-            if method == "PUT":
-                return resource.put(**params)
-            if method == "DELETE":
-                return resource.delete(**params)
+            with _quiet_if(self.target.tls.insecure):
+                return self._send(resource, method, params)
         except ResourceException as exc:
             raise ProxmoxError(f"{method} {path}: {_describe_refusal(exc)}") from None
         except requests.RequestException as exc:
             raise self._transport_error(method, path, exc) from None
+
+    @staticmethod
+    def _send(resource: Any, method: str, params: dict[str, Any]) -> Any:
+        if method == "GET":
+            return resource.get(**params)
+        if method == "POST":
+            return resource.post(**params)
+        if method == "PUT":
+            return resource.put(**params)
+        if method == "DELETE":
+            return resource.delete(**params)
         raise ValueError(f"unknown method {method}")
 
     def get(self, path: str, **params: Any) -> Any:
@@ -202,6 +211,15 @@ class Pve:
         if isinstance(exc, requests.exceptions.ConnectionError):
             return ProxmoxError(f"{method} {path}: cannot reach {url} ({_first_line(exc)})")
         return ProxmoxError(f"{method} {path}: {_first_line(exc)}")
+
+
+@contextlib.contextmanager
+def _quiet_if(insecure: bool) -> Iterator[None]:
+    """Insecure was asked for explicitly (and preflight says so once): no urllib3 warning on every request."""
+    with warnings.catch_warnings():
+        if insecure:
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        yield
 
 
 def _first_line(exc: BaseException) -> str:
@@ -382,7 +400,7 @@ def _post_body(pve: Pve, path: str, body: MultipartBody) -> str:
     headers = {"Authorization": f"PVEAPIToken={pve.target.token.tokenid}={pve.target.token.secret}",
                "Content-Type": body.content_type, "Content-Length": str(len(body)), "Accept": "application/json"}
     try:
-        with session:
+        with session, _quiet_if(pve.target.tls.insecure):
             response = session.post(f"{pve.base}{path}", data=body, headers=headers, timeout=UPLOAD_TIMEOUT)
     except requests.RequestException as exc:
         raise pve._transport_error("POST", path, exc) from None
