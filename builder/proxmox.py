@@ -40,6 +40,7 @@ API_TIMEOUT = (10.0, 60.0)
 # An upload's response comes once PVE has stored the whole body; the read timeout covers that wait.
 UPLOAD_TIMEOUT = (10.0, 600.0)
 UPLOAD_CHUNK = 1024 * 1024
+QCOW2_MAGIC = b"QFI\xfb"
 TASK_LOG_TAIL = 5
 # Our VMs carry this tag; a VMID or name held by a VM without it is someone else's.
 TAG = "homelab"
@@ -158,14 +159,16 @@ class Target:
 class Pve:
     """A connected API: get/post/delete on concrete paths, each failure one ProxmoxError naming the call."""
 
-    def __init__(self, target: Target, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, target: Target, *, timeout: tuple[float, float] = API_TIMEOUT,
+                 upload_timeout: tuple[float, float] = UPLOAD_TIMEOUT, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.target = target
+        self.upload_timeout = upload_timeout
         self.clock, self.sleep = clock, sleep
         host = urllib.parse.urlsplit(target.url).netloc
         self.api = ProxmoxAPI(host, backend="https", service="PVE", user=target.token.user,
                               token_name=target.token.name, token_value=target.token.secret,
-                              verify_ssl=not target.tls.insecure, timeout=API_TIMEOUT)
+                              verify_ssl=not target.tls.insecure, timeout=timeout)
         self.base = f"{target.url}/api2/json"
         # proxmoxer's session is where its requests go: the TLS policy must be on that one.
         target.tls.apply(self.api._store["session"], target.url)
@@ -260,7 +263,8 @@ def wait_task(pve: Pve, upid: str, timeout: float, poll: float = 1.0) -> dict[st
     proxmoxer's Tasks.blocking_status returns None on timeout and ignores exitstatus, so it is not used.
     """
     node = upid_node(upid)
-    path = f"/nodes/{node}/tasks/{urllib.parse.quote(upid, safe='')}"
+    # A UPID's ':' '@' '!' are valid in a URL path; PVE and proxmoxer use it unescaped.
+    path = f"/nodes/{node}/tasks/{upid}"
     deadline = pve.clock() + timeout
     while True:
         status: dict[str, Any] = pve.get(f"{path}/status")
@@ -361,6 +365,18 @@ def find_volume(pve: Pve, storage: str, content: str, name: str) -> dict[str, An
     return None
 
 
+def listed_size(path: Path) -> int:
+    """The size PVE lists for this file once uploaded: a qcow2's virtual size (its header), else the file's.
+
+    pve-storage's file_size_info reports what `qemu-img info` calls virtual-size for images.
+    """
+    with path.open("rb") as f:
+        header = f.read(32)
+    if len(header) == 32 and header[:4] == QCOW2_MAGIC:
+        return int.from_bytes(header[24:32], "big")
+    return path.stat().st_size
+
+
 def upload(pve: Pve, storage: str, content: str, path: Path, sha256: str, *, task_timeout: float = 600,
            on_progress: Callable[[Progress], None] | None = None) -> UploadResult:
     """Stream a file to the storage (content import or iso) with its sha256 checked by PVE; skipped when there.
@@ -372,10 +388,11 @@ def upload(pve: Pve, storage: str, content: str, path: Path, sha256: str, *, tas
     existing = find_volume(pve, storage, content, path.name)
     volid = f"{storage}:{content}/{path.name}"
     if existing is not None:
-        if int(existing.get("size") or -1) == size:
+        listed = listed_size(path)
+        if int(existing.get("size") or -1) == listed:
             return UploadResult(volid, size, skipped=True)
         raise ProxmoxError(f"{volid} is already on storage {storage} with another size ({existing.get('size')} "
-                           f"bytes, this file {size}): remove it or rebuild")
+                           f"bytes listed, this file {listed}): remove it or rebuild")
     started = pve.clock()
     sent = 0
 
@@ -401,7 +418,7 @@ def _post_body(pve: Pve, path: str, body: MultipartBody) -> str:
                "Content-Type": body.content_type, "Content-Length": str(len(body)), "Accept": "application/json"}
     try:
         with session, _quiet_if(pve.target.tls.insecure):
-            response = session.post(f"{pve.base}{path}", data=body, headers=headers, timeout=UPLOAD_TIMEOUT)
+            response = session.post(f"{pve.base}{path}", data=body, headers=headers, timeout=pve.upload_timeout)
     except requests.RequestException as exc:
         raise pve._transport_error("POST", path, exc) from None
     if response.status_code >= 400:

@@ -195,8 +195,7 @@ def test_wait_task_polls_until_stopped_ok() -> None:
                                    {"status": "stopped", "exitstatus": "OK"}]})
     assert proxmox.wait_task(pve, UPID, timeout=60)["exitstatus"] == "OK"  # type: ignore[arg-type]
     assert pve.now == 2.0
-    assert pve.calls[0][0] == "/nodes/pve/tasks/UPID%3Apve%3A000A1B2C%3A0012D687%3A6745A1B2%3Aimgcopy%3A%3A" \
-                              "homelab%40pve%21deploy%3A/status"
+    assert pve.calls[0][0] == f"/nodes/pve/tasks/{UPID}/status"
 
 
 def test_a_failed_task_raises_with_its_log_tail() -> None:
@@ -373,3 +372,12 @@ def test_a_role_without_vmid_fails_its_check() -> None:
     site = load_site(FIXTURES / "site" / "site-minimal.yaml")
     (check,) = preflight.check_vms(ScriptedPve({"/cluster/resources": [[]]}), site, ["intranet"])  # type: ignore
     assert check.failed and check.detail == "hosts.intranet.vmid is not set"
+
+
+def test_listed_size_is_a_qcow2s_virtual_size(tmp_path: Path) -> None:
+    image = tmp_path / "a.qcow2"
+    image.write_bytes(b"QFI\xfb" + b"\0" * 20 + (4 * 1024**3).to_bytes(8, "big") + b"\0" * 100)
+    assert proxmox.listed_size(image) == 4 * 1024**3
+    iso = tmp_path / "seed.iso"
+    iso.write_bytes(b"\0" * 2048)
+    assert proxmox.listed_size(iso) == 2048
