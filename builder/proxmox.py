@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -423,8 +424,10 @@ def _post_body(pve: Pve, path: str, body: MultipartBody) -> str:
         raise pve._transport_error("POST", path, exc) from None
     if response.status_code >= 400:
         errors = _json_errors(response)
+        # Shaped as proxmoxer shapes its errors (standard status text, PVE's reason), so both read alike.
+        status_text = http.client.responses.get(response.status_code, "")
         raise ProxmoxError(f"POST {path}: " + _describe_refusal(
-            ResourceException(response.status_code, response.reason, response.text, errors=errors)))
+            ResourceException(response.status_code, status_text, response.reason, errors=errors)))
     try:
         upid = response.json()["data"]
     except (ValueError, KeyError, TypeError):
