@@ -227,7 +227,11 @@ def _quiet_if(insecure: bool) -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """The innermost reason of a requests error (urllib3 wraps it twice), on one line."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    text = str(reason if reason is not None else exc).strip()
+    # urllib3 prefixes its reasons with the connection object: the URL is already in our message.
+    text = re.sub(r"^[\w.]*Connection(Pool)?\(host=[^)]*\): ", "", text.strip("\"'"))
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -282,6 +286,8 @@ def wait_task(pve: Pve, upid: str, timeout: float, poll: float = 1.0) -> dict[st
 
 def _log_tail(pve: Pve, path: str) -> str:
     try:
+        # The API has no "last N lines" query and proxmoxer drops the `total` it answers: read it all (task
+        # logs of uploads and VM creation are a few lines).
         lines = pve.get(f"{path}/log", start=0, limit=100000)
     except ProxmoxError as exc:
         return f" (no task log: {exc})"
