@@ -278,48 +278,67 @@ def delete_volume(call: Call) -> Any:
     return call.task("imgdel", "", log=[f"Removed volume '{v.volid}'"])
 
 
-# pve-storage: PVE::Storage's ISO_EXT_RE_0, VZTMPL_EXT_RE_1 and (8.4) UPLOAD_IMPORT_EXT_RE_1.
+SAFE_CHARS = r"[a-zA-Z0-9\-.+=_]"  # PVE::Storage's SAFE_CHAR_CLASS_RE
+
+# pve-storage: PVE::Storage's ISO_EXT_RE_0, VZTMPL_EXT_RE_1 and (8.4) UPLOAD_IMPORT_EXT_RE_1, as the upload
+# handler (API2::Storage::Status) matches them against the normalized name.
 UPLOAD_EXTENSIONS = {
-    "iso": (r"\.(iso|img)", "wrong file extension"),
-    "vztmpl": (r"\.(tar\.(?:gz|xz|zst|bz2))", "wrong file extension"),
-    "import": (r"\.(ova|qcow2|raw|vmdk)", "invalid filename or wrong extension"),
+    "iso": (re.compile(r"[^/]+\.(?:iso|img)$", re.IGNORECASE), "wrong file extension"),
+    "vztmpl": (re.compile(r"[^/]+\.(tar\.(?:gz|xz|zst|bz2))$", re.IGNORECASE), "wrong file extension"),
+    "import": (re.compile(f"{SAFE_CHARS}+\\.(ova|qcow2|raw|vmdk)$"), "invalid filename or wrong extension"),
 }
 
 
 def normalize_filename(name: str) -> str:
-    """PVE::Storage::normalize_content_filename: every character outside [-a-zA-Z0-9_.] becomes '_'."""
-    return re.sub(r"[^-a-zA-Z0-9_.]", "_", name)
+    """PVE::Storage::normalize_content_filename: no directory, every unsafe character becomes '_'."""
+    return re.sub(f"(?!{SAFE_CHARS}).", "_", re.sub(r"^.*[/\\]", "", name.rstrip("\n")))
 
 
 @route("POST", "/nodes/{node}/storage/{storage}/upload")
 def upload(call: Call) -> Any:
-    """pve-manager API2::Storage::Status upload: extension rules per content type, checksum in the worker."""
+    """pve-storage API2::Storage::Status upload, in its order: a file-based storage, the extension rule of the
+    content type, the storage configured for it; then an imgcopy task that verifies the checksum (a mismatch
+    fails the task, not the request) and that a qcow2 really is one."""
     _ = call.node
     storage = call.storage
     content = call.params["content"]
     if call.upload is None:
-        raise ParamError({"filename": "no file uploaded"})
-    filename = normalize_filename(call.upload.filename)
-    pattern, reason = UPLOAD_EXTENSIONS[content]
-    if not re.fullmatch(r"[^/]+" + pattern, filename, flags=re.IGNORECASE if content != "import" else 0):
-        raise ParamError({"filename": reason})
+        raise ApiError(500, "missing temporary file name")
     if storage.type != "dir":
         raise ApiError(500, f"can't upload to storage type '{storage.type}'")
+    filename = normalize_filename(call.params["filename"])
+    pattern, reason = UPLOAD_EXTENSIONS[content]
+    match = pattern.search(filename)
+    if not match:
+        raise ParamError({"filename": reason})
     if content not in storage.content:
         raise ApiError(500, f"storage '{storage.name}' does not support '{content}' content")
     log = [f"starting file import from: /var/tmp/pveupload-{random.getrandbits(64):016x}"]
-    if "checksum-algorithm" in call.params:
-        got = file_hash(call.upload.path, call.params["checksum-algorithm"])
-        want = call.params["checksum"].lower()
-        if got != want:
-            return call.task("imgcopy", "", error=f"checksum mismatch: got '{got}' != expect '{want}'", log=log)
-        log.append("calculating checksum...OK, checksum verified")
+    error = upload_error(call, content, match.group(1) if content == "import" else "", log)
+    if error:
+        return call.task("imgcopy", "", error=error, log=log)
     kept = call.workdir / f"{storage.name}-{content}-{filename}"
     shutil.move(call.upload.path, kept)
-    fmt = filename.rsplit(".", 1)[-1].lower() if content != "vztmpl" else "t" + filename.rsplit(".", 1)[-1]
+    fmt = {"iso": "iso", "vztmpl": "t" + filename.rsplit(".", 1)[-1]}.get(content) or match.group(1)
     call.state.add_volume(Volume(f"{storage.name}:{content}/{filename}", content, fmt, image_size(kept), path=kept))
-    log.append(f"target file: /var/lib/vz/template/{content}/{filename}")
+    log += [f"target node: {call.node}", f"target file: /var/lib/vz/template/{content}/{filename}",
+            f"file size is: {call.upload.size}", "finished file import successfully"]
     return call.task("imgcopy", "", log=log)
+
+
+def upload_error(call: Call, content: str, image_format: str, log: list[str]) -> str | None:
+    """What the upload worker dies with: a checksum mismatch, or an image that is not what its name says."""
+    assert call.upload is not None
+    if "checksum-algorithm" in call.params:
+        got = file_hash(call.upload.path, call.params["checksum-algorithm"])
+        want = call.params["checksum"]
+        if got != want.lower():
+            log.append("calculating checksum...")
+            return f"checksum mismatch: got '{got}' != expect '{want}'"
+        log.append("calculating checksum...OK, checksum verified")
+    if image_format == "qcow2" and image_magic(call.upload.path) != b"QFI\xfb":
+        return f"qemu-img: Could not open '{call.upload.path}': Image is not in qcow2 format"
+    return None
 
 
 def file_hash(path: Path, algorithm: str) -> str:
@@ -328,6 +347,11 @@ def file_hash(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def image_magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def image_size(path: Path) -> int:
@@ -482,10 +506,7 @@ def detach(state: PveState, vm: Vm, key: str) -> None:
         if volume is not None and volume.vmid == vm.vmid and not referenced_by_snapshot(vm, file):
             del state.storages[volume.storage].volumes[file]
         return
-    n = 0
-    while f"unused{n}" in vm.config:
-        n += 1
-    vm.config[f"unused{n}"] = file
+    add_unused(vm, file)
 
 
 def delete_keys(call: Call, vm: Vm, keys: str) -> None:
@@ -500,10 +521,13 @@ def delete_keys(call: Call, vm: Vm, keys: str) -> None:
             del vm.config[key]
 
 
+MODIFIED = "detected modified configuration - file changed by other user? Try again."
+
+
 def check_digest(vm: Vm, digest: str | None) -> None:
     """PVE::Tools::assert_if_modified."""
     if digest and digest != vm.digest:
-        raise ApiError(500, "detected modified configuration - file changed by other user? Try again.")
+        raise ApiError(500, MODIFIED)
 
 
 def typed_config(call: Call, vm: Vm) -> dict[str, Any]:
@@ -679,85 +703,120 @@ def reboot(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/move_disk")
 def move_disk(call: Call) -> Any:
-    """qemu-server move_vm_disk: to another storage, or (target-vmid) reassigned to another VM."""
+    """qemu-server move_vm_disk: to another storage, or (target-vmid) reassigned to another VM, never both."""
     vm = call.vm
-    check_digest(vm, call.params.get("digest"))
+    target_vmid, storage = call.params.get("target-vmid"), call.params.get("storage")
+    if target_vmid is not None and storage is not None:
+        message = "either set 'storage' or 'target-vmid', but not both"
+        raise ParamError({"target-vmid": message, "storage": message})
+    if target_vmid is not None:
+        return reassign_disk(call, vm, int(target_vmid))
+    if storage is not None:
+        return move_to_storage(call, vm, find_storage(call.state, storage))
+    message = "both 'storage' and 'target-vmid' missing, either needs to be set"
+    raise ParamError({"target-vmid": message, "storage": message})
+
+
+def reassign_disk(call: Call, vm: Vm, target_vmid: int) -> str:
+    """qemu-server's $load_and_check_reassign_configs, in its order: target VM perms, another VMID, both VMs
+    on one node, no template, digests, the disk present, the target key free, not a CD, no snapshot using
+    it, storage can rename, source stopped unless the disk is unusedN. Then a qmmove task renames the
+    volume to the target VMID (vm-TARGET-disk-N) and moves the key."""
     disk = call.params["disk"]
-    if disk not in vm.config:
-        raise ApiError(500, f"disk '{disk}' does not exist")
-    if "target-vmid" in call.params or "target-disk" in call.params:
-        return reassign_disk(call, vm, disk)
-    if "storage" not in call.params:
-        raise ApiError(500, "missing parameter 'storage' or 'target-vmid'")
-    return move_to_storage(call, vm, disk)
-
-
-def reassign_disk(call: Call, vm: Vm, disk: str) -> str:
-    """The rules qemu-server checks before reassigning (see ../shared/pve-api/README.md): same node,
-    source stopped or disk unused, no snapshot referencing the disk, storage supports rename, key free."""
-    if "storage" in call.params:
-        raise ApiError(500, "either set 'storage' or 'target-vmid', but not both")
-    target_vmid = int(call.params.get("target-vmid", vm.vmid))
     target_disk = call.params.get("target-disk", disk)
+    call.require(f"/vms/{target_vmid}", ["VM.Config.Disk"])
     if target_vmid == vm.vmid:
-        raise ApiError(500, "Reassigning a disk to the same VM is not possible. Did you mean to move the disk?")
+        raise ParamError({"target-vmid": "must be different than source VMID to reassign disk"})
     target = call.state.vms.get(target_vmid)
     if target is None:
-        raise ApiError(500, f"Configuration file 'nodes/{vm.node}/qemu-server/{target_vmid}.conf' does not exist")
+        raise ApiError(500, f"could not find target VM {target_vmid}")
     if target.node != vm.node:
-        raise ApiError(500, f"Both VMs need to be on the same node {vm.node} ({target.node})")
-    call.require(f"/vms/{target_vmid}", ["VM.Config.Disk"])
-    check_digest(target, call.params.get("target-digest"))
+        raise ApiError(500, f"Both VMs need to be on the same node ({vm.node} != {target.node})")
+    if boolean(vm.config.get("template")) or boolean(target.config.get("template")):
+        raise ApiError(500, "Can't move disks from or to template VMs")
+    for checked, digest in ((vm, call.params.get("digest")), (target, call.params.get("target-digest"))):
+        if digest and digest != checked.digest:
+            raise ApiError(500, f"VM {checked.vmid}: {MODIFIED}")
+    if disk not in vm.config:
+        raise ApiError(500, f"Disk '{disk}' for VM '{vm.vmid}' does not exist")
+    if target_disk in target.config:
+        raise ApiError(500, f"Target disk key '{target_disk}' is already in use for VM '{target_vmid}'")
     value = vm.config[disk]
     volid = drive_file(value)
-    if is_cdrom(value) or volid.endswith("-cloudinit"):
-        raise ApiError(500, f"disk '{disk}' is a CD-ROM or cloud-init drive and cannot be moved to another VM")
-    if vm.status == "running" and not disk.startswith("unused"):
-        raise ApiError(500, "Cannot move disk to another VM while the source VM is running - detach first")
-    if referenced_by_snapshot(vm, volid):
-        raise ApiError(500, "Can't move disk used by a snapshot to another VM")
+    if is_cdrom(value) and not volid.endswith("-cloudinit"):
+        raise ApiError(500, "CD drive contents can't be moved to another VM")
     volume = call.state.volume(volid)
     if volume is None:
-        raise ApiError(500, f"volume '{volid}' does not exist")
+        raise ApiError(500, f"Volume '{volid}' not managed by PVE")
+    if referenced_by_snapshot(vm, volid):
+        raise ApiError(500, "Can't move disk used by a snapshot to another VM")
     storage = call.state.storages[volume.storage]
     if not storage.rename:
         raise ApiError(500, "Storage does not support moving of this disk to another VM")
-    if target_disk in target.config:
-        raise ApiError(500, f"Target disk key '{target_disk}' is already in use for VM '{target_vmid}'")
-    if target_disk.startswith("unused") != disk.startswith("unused") and not disk.startswith("unused"):
-        raise ApiError(500, "Cannot move a used disk to an unused key")
+    if vm.status == "running" and not disk.startswith("unused"):
+        raise ApiError(500, "Cannot move disk to another VM while the source VM is running - detach first")
+    call.require(f"/storage/{storage.name}", ["Datastore.AllocateSpace"])
+    ident = f"{vm.vmid}-{disk}>{target_vmid}-{target_disk}"
+    if call.task_error is not None:
+        return call.task("qmmove", ident)
     new_volid = call.state.new_disk_volid(storage, target_vmid)
     del storage.volumes[volid]
     volume.volid, volume.vmid = new_volid, target_vmid
     storage.volumes[new_volid] = volume
-    _, options = parse_options(value)
     del vm.config[disk]
-    unused = target_disk.startswith("unused")
-    target.config[target_disk] = new_volid if unused else render_options(new_volid, options)
-    return call.task("qmmove", vm.vmid, log=[f"renamed volume '{volid}' to '{new_volid}'"])
+    _, options = parse_options(value)
+    target.config[target_disk] = render_options(new_volid, {} if disk.startswith("unused") else options)
+    return call.task("qmmove", ident, log=[
+        f"reassign disk '{disk}' from VM '{vm.vmid}' as '{target_disk}' to VM '{target_vmid}'",
+        f"removing disk '{disk}' from VM '{vm.vmid}' config",
+    ])
 
 
-def move_to_storage(call: Call, vm: Vm, disk: str) -> str:
-    target = find_storage(call.state, call.params["storage"])
+def move_to_storage(call: Call, vm: Vm, target: Storage) -> str:
+    """qemu-server's $load_and_check_move, then a qmmove task copying the disk; the source stays as unusedN
+    unless `delete`."""
     call.require(f"/storage/{target.name}", ["Datastore.AllocateSpace"])
+    check_digest(vm, call.params.get("digest"))
+    disk = call.params["disk"]
+    if disk not in vm.config:
+        raise ApiError(500, f"disk '{disk}' does not exist")
     value = vm.config[disk]
+    if is_cdrom(value) and not drive_file(value).endswith("-cloudinit"):
+        raise ApiError(500, "you can't move a cdrom")
     old = call.state.volume(drive_file(value))
     if old is None:
         raise ApiError(500, f"volume '{drive_file(value)}' does not exist")
-    if old.storage == target.name:
-        raise ApiError(500, f"unable to move disk '{disk}' to the same storage")
+    fmt = call.params.get("format")
+    if old.storage == target.name and (not fmt or fmt == old.format):
+        raise ApiError(500, "you can't move to the same storage with same format")
+    if "images" not in target.content:
+        raise ParamError({"storage": f"storage '{target.name}' does not support vm images"})
+    delete = boolean(call.params.get("delete"))
+    if delete and referenced_by_snapshot(vm, old.volid):
+        raise ApiError(500, "you can't move a disk with snapshots and delete the source")
+    if call.task_error is not None:
+        return call.task("qmmove", vm.vmid)
     new_volid = call.state.new_disk_volid(target, vm.vmid)
-    call.state.add_volume(Volume(new_volid, "images", call.params.get("format", "raw"), old.size, vm.vmid))
+    call.state.add_volume(Volume(new_volid, "images", fmt or ("qcow2" if target.type == "dir" else "raw"),
+                                 old.size, vm.vmid))
     _, options = parse_options(value)
     vm.config[disk] = render_options(new_volid, options)
-    if boolean(call.params.get("delete")):
+    log = [f"copying volume '{old.volid}' from current storage '{old.storage}' to target storage '{target.name}'"]
+    if delete:
         del call.state.storages[old.storage].volumes[old.volid]
     else:
-        n = 0
-        while f"unused{n}" in vm.config:
-            n += 1
-        vm.config[f"unused{n}"] = old.volid
-    return call.task("qmmove", vm.vmid)
+        key = add_unused(vm, old.volid)
+        log.append(f"adding source volume '{old.volid}' as '{key}' to config")
+    return call.task("qmmove", vm.vmid, log=log)
+
+
+def add_unused(vm: Vm, volid: str) -> str:
+    """PVE::AbstractConfig::add_unused_volume: the first free unusedN."""
+    n = 0
+    while f"unused{n}" in vm.config:
+        n += 1
+    vm.config[f"unused{n}"] = volid
+    return f"unused{n}"
 
 
 def referenced_by_snapshot(vm: Vm, volid: str) -> bool:

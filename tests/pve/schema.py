@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -83,7 +84,8 @@ class Schema:
         return _load(str(path or schema_path()))
 
     def resolve(self, method: str, path: str) -> Endpoint:
-        """The endpoint for a request path ("/nodes/pve/qemu/100/config"), or PVE's 501 for an unknown one.
+        """The endpoint for a request path ("/nodes/pve/qemu/100/config", segments percent-encoded or not),
+        or PVE's 501 for an unknown one.
 
         pve-http-server answers any path or method the API does not define with
         "501 Method 'GET /x' not implemented".
@@ -98,9 +100,10 @@ class Schema:
     def check(self, endpoint: Endpoint, params: Mapping[str, list[str]]) -> dict[str, Any]:
         """The checked parameters (path values included, arrays as lists); ParamError naming every bad one."""
         merged: dict[str, list[str]] = {k: list(v) for k, v in params.items()}
-        for name, value in endpoint.path_params.items():
-            merged.setdefault(name, [value])
         errors: dict[str, str] = {}
+        for name, value in endpoint.path_params.items():
+            if merged.setdefault(name, [value]) != [value]:  # PVE::HTTPServer::rest_handler
+                errors[name] = "duplicate parameter (already defined in URI)"
         values: dict[str, Any] = {}
         for name, given in merged.items():
             prop = property_schema(endpoint.properties, name)
@@ -110,8 +113,10 @@ class Schema:
             if prop.get("type") == "array":
                 values[name] = given
                 continue
+            if len(given) > 1 and str(prop.get("format", "")).endswith("-list"):
+                given = [",".join(given)]  # RESTHandler's normalize_legacy_param_formats
             if len(given) > 1:
-                errors[name] = "duplicate parameter (not allowed)"
+                errors[name] = f"type check ('{prop.get('type', 'string')}') failed - got ARRAY"
                 continue
             reason = check_value(prop, given[0])
             if reason:
@@ -126,6 +131,9 @@ class Schema:
 
 @cache
 def _load(path: str) -> Schema:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"PVE API schema {path} not found: set HOMELAB_PVE_SCHEMA to pve-8.4-apidata.json "
+                                "(../shared/pve-api/ beside the project by default)")
     with open(path, encoding="utf-8") as f:
         return Schema(json.load(f))
 
@@ -136,9 +144,18 @@ def _walk(nodes: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from _walk(node.get("children", []))
 
 
+# Paths whose last segment takes the rest of the URI: pve-storage registers .../content with
+# `fragmentDelimiter => ''` "because volume IDs may contain a slash" (local:iso/x.iso).
+WHOLE_REST = {"/nodes/{node}/storage/{storage}/content/{volume}"}
+
+
 def match_template(template: str, path: str) -> dict[str, str] | None:
-    """{name: value} of the templated segments when `path` matches `template` segment by segment."""
-    want, got = template.strip("/").split("/"), path.strip("/").split("/")
+    """{name: value} of the templated segments when `path` matches `template` segment by segment
+    (PVE::RESTHandler::map_path_to_methods; each segment percent-decoded)."""
+    want = template.strip("/").split("/")
+    got = [urllib.parse.unquote(segment) for segment in path.strip("/").split("/")]
+    if template in WHOLE_REST and len(got) > len(want):
+        got = [*got[: len(want) - 1], "/".join(got[len(want) - 1 :])]
     if len(want) != len(got):
         return None
     values: dict[str, str] = {}

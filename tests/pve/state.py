@@ -7,6 +7,7 @@ handlers (handlers.py) only go through the helpers here. One lock serialises all
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -226,9 +227,9 @@ class PveState:
         return task
 
     def new_disk_volid(self, storage: Storage, vmid: int) -> str:
-        """The next free `vm-VMID-disk-N` name, counted over all storages as PVE does."""
-        taken = {v.volid.split(":", 1)[1] for s in self.storages.values() for v in s.volumes.values()}
+        """The first free `vm-VMID-disk-N` on that storage (pve-storage's find_free_diskname)."""
+        taken = {m[1] for volid in storage.volumes if (m := re.search(rf"\bvm-{vmid}-disk-(\d+)\b", volid))}
         n = 0
-        while any(f"vm-{vmid}-disk-{n}" in name for name in taken):
+        while str(n) in taken:
             n += 1
         return storage.volume_name(vmid, f"disk-{n}")

@@ -37,10 +37,14 @@ def create_vm(api: ProxmoxAPI, vmid: int = 100, **config: object) -> str:
     return api.nodes("pve").qemu.post(vmid=vmid, **{**defaults, **config})  # type: ignore[no-any-return]
 
 
-def test_version_and_configurable_version(api: ProxmoxAPI, pve: PveEmulator) -> None:
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_version_unverified_and_configurable_version(pve: PveEmulator) -> None:
+    api = ProxmoxAPI(host="127.0.0.1", port=pve.port, user="homelab@pve", token_name="deploy",
+                     token_value=pve.token[1], verify_ssl=False)
     assert api.version.get()["release"] == "8.4"
     pve.state.version = "8.3.5"
     assert api.version.get() == {"version": "8.3.5", "release": "8.3", "repoid": pve.state.repoid}
+    assert pve.token[0] == "homelab@pve!deploy"
 
 
 def test_verifies_with_the_ca_file_and_shows_the_fingerprint(pve: PveEmulator) -> None:
@@ -111,7 +115,7 @@ def test_missing_or_wrong_token_is_401(pve: PveEmulator) -> None:
     anonymous = requests.get(f"{pve.url}/version", verify=str(pve.ca_file), timeout=5)
     assert anonymous.status_code == 401
     with pytest.raises(ResourceException) as e:
-        ProxmoxAPI(**{**pve.proxmoxer_kwargs(), "token_value": "wrong"}).version.get()
+        ProxmoxAPI(**{**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file)), "token_value": "wrong"}).version.get()
     assert e.value.status_code == 401
 
 
@@ -136,7 +140,7 @@ def test_injected_500_hang_and_task_error(api: ProxmoxAPI, pve: PveEmulator) -> 
     api.version.get()
 
     pve.hang("GET", r"^/nodes$", seconds=3)
-    impatient = ProxmoxAPI(**pve.proxmoxer_kwargs(timeout=0.5))
+    impatient = ProxmoxAPI(**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file), timeout=0.5))
     with pytest.raises(requests.exceptions.ReadTimeout):
         impatient.nodes.get()
 
@@ -190,7 +194,7 @@ def test_move_disk_to_another_vm(api: ProxmoxAPI) -> None:
     wait(api, source.snapshot("before").delete())
     with pytest.raises(ResourceException) as e:
         source.move_disk.post(disk="scsi1", **{"target-vmid": 100, "target-disk": "scsi0"})
-    assert "already in use" in e.value.content
+    assert e.value.content == "Target disk key 'scsi0' is already in use for VM '100'"
     wait(api, source.status.start.post())
     with pytest.raises(ResourceException) as e:
         source.move_disk.post(disk="scsi1", **{"target-vmid": 100, "target-disk": "scsi1"})
@@ -224,3 +228,146 @@ def test_unknown_path_is_501(api: ProxmoxAPI) -> None:
     with pytest.raises(ResourceException) as e:
         api.nodes("pve").bogus.get()
     assert e.value.status_code == 501 and e.value.content == "Method 'GET /nodes/pve/bogus' not implemented"
+
+
+def test_cdrom_from_an_uploaded_iso_and_missing_volumes(api: ProxmoxAPI) -> None:
+    wait(api, upload(api, "debian-13.iso", b"\0" * 2048, content="iso"))
+    assert api.nodes("pve").storage("local").content.get(content="iso")[0]["volid"] == "local:iso/debian-13.iso"
+    wait(api, api.nodes("pve").qemu.post(vmid=100, ide2="local:iso/debian-13.iso,media=cdrom"))
+    assert api.nodes("pve").qemu(100).config.get()["ide2"] == "local:iso/debian-13.iso,media=cdrom"
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu.post(vmid=101, scsi0="local-zfs:0,import-from=local:import/missing.qcow2")
+    assert e.value.status_code == 500 and e.value.content == "volume 'local:import/missing.qcow2' does not exist"
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu.post(vmid=100)
+    assert "already exists" in e.value.content
+
+
+def test_unknown_vm_node_and_task(api: ProxmoxAPI) -> None:
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu(999).status.current.get()
+    assert e.value.content == "Configuration file 'nodes/pve/qemu-server/999.conf' does not exist"
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve2").qemu.get()
+    assert e.value.content.startswith("hostname lookup 'pve2' failed")
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").tasks("UPID:pve:00000001:00000001:00000001:qmstart:100:root@pam:").status.get()
+    assert e.value.content == "no such task"
+
+
+def test_nextid_with_a_taken_vmid_is_400(api: ProxmoxAPI) -> None:
+    wait(api, create_vm(api))
+    assert api.cluster.nextid.get(vmid=105) == "105"
+    with pytest.raises(ResourceException) as e:
+        api.cluster.nextid.get(vmid=100)
+    assert e.value.status_code == 400 and e.value.errors == {"vmid": "VM 100 already exists"}
+
+
+def test_in_code_permission_checks(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """create_vm asks VM.Allocate, the disks' storages, the VM.Config.* of each key and SDN.Use on the bridge."""
+    tokenid, _ = pve.token
+    upload(api, "debian.qcow2")
+    pve.state.acl[tokenid] = {"/vms": {"VM.Allocate", "VM.Config.Disk", "VM.Config.Options"},
+                              "/storage": {"Datastore.AllocateSpace"}}
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu.post(vmid=100, net0="virtio,bridge=vmbr0")
+    assert e.value.content == "Permission check failed (/vms/100, VM.Config.Network)"
+    pve.state.acl[tokenid]["/vms"].add("VM.Config.Network")
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu.post(vmid=100, net0="virtio,bridge=vmbr0")
+    assert e.value.content == "Permission check failed (/sdn/zones/localnetwork/vmbr0, SDN.Use)"
+    pve.state.acl[tokenid]["/sdn/zones/localnetwork"] = {"SDN.Use"}
+    wait(api, api.nodes("pve").qemu.post(vmid=100, net0="virtio,bridge=vmbr0", name="x",
+                                         scsi0="local-zfs:0,import-from=local:import/debian.qcow2"))
+    assert pve.state.vms[100].config["scsi0"].startswith("local-zfs:vm-100-disk-0")
+
+
+def test_listings_hide_what_the_token_cannot_audit(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    wait(api, create_vm(api))
+    tokenid, _ = pve.token
+    pve.state.acl[tokenid] = {"/storage/local": {"Datastore.Audit"}}
+    assert [s["storage"] for s in api.nodes("pve").storage.get()] == ["local"]
+    assert api.cluster.resources.get(type="vm") == []
+    assert api.nodes("pve").qemu.get() == []
+
+
+def test_upload_refusals(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").storage("local-zfs").upload.post(content="import", filename=io.BytesIO(b"x"))
+    assert e.value.status_code in (400, 500)
+    f = io.BytesIO(QCOW2)
+    f.name = "disk.qcow2"
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").storage("local-zfs").upload.post(content="import", filename=f)
+    assert e.value.content == "can't upload to storage type 'zfspool'"
+    pve.state.storages["local"].content.discard("import")
+    with pytest.raises(ResourceException) as e:
+        upload(api, "disk.qcow2")
+    assert e.value.content == "storage 'local' does not support 'import' content"
+
+
+def test_uploaded_names_are_normalized_and_deletable(api: ProxmoxAPI) -> None:
+    wait(api, upload(api, "my disk (1).qcow2"))
+    volid = "local:import/my_disk__1_.qcow2"
+    assert [v["volid"] for v in api.nodes("pve").storage("local").content.get()] == [volid]
+    wait(api, api.nodes("pve").storage("local").content(volid).delete())
+    assert api.nodes("pve").storage("local").content.get() == []
+
+
+def test_json_body_and_request_log(pve: PveEmulator) -> None:
+    tokenid, secret = pve.token
+    answer = requests.post(f"{pve.url}/nodes/pve/qemu", json={"vmid": 100, "agent": True},
+                           headers={"Authorization": f"PVEAPIToken={tokenid}={secret}"}, verify=str(pve.ca_file),
+                           timeout=5)
+    assert answer.status_code == 200 and answer.json()["data"].startswith("UPID:pve:")
+    assert pve.state.vms[100].config["agent"] == "1"
+    [logged] = pve.calls("POST")
+    assert (logged.path, logged.params, logged.status) == ("/nodes/pve/qemu", {"vmid": "100", "agent": "1"}, 200)
+
+
+def test_config_delete_leaves_unused_disks_and_snapshots_block_nothing_else(api: ProxmoxAPI) -> None:
+    wait(api, create_vm(api))
+    vm = api.nodes("pve").qemu(100)
+    vm.config.put(scsi1="local-zfs:4")
+    vm.config.put(delete="scsi1")
+    config = vm.config.get()
+    assert "scsi1" not in config and config["unused0"] == "local-zfs:vm-100-disk-1"
+    wait(api, vm.config.post(delete="unused0"))
+    assert "unused0" not in vm.config.get()
+    assert [v["volid"] for v in api.nodes("pve").storage("local-zfs").content.get(vmid=100)] == [
+        "local-zfs:vm-100-disk-0", "local-zfs:vm-100-cloudinit"]
+
+
+def test_move_disk_parameters_and_storage_moves(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    wait(api, create_vm(api, 100))
+    vm = api.nodes("pve").qemu(100)
+    with pytest.raises(ResourceException) as e:
+        vm.move_disk.post(disk="scsi0", storage="local-zfs", **{"target-vmid": 101})
+    assert e.value.status_code == 400 and set(e.value.errors) == {"storage", "target-vmid"}
+    with pytest.raises(ResourceException) as e:
+        vm.move_disk.post(disk="scsi0", **{"target-vmid": 100})
+    assert e.value.errors == {"target-vmid": "must be different than source VMID to reassign disk"}
+    with pytest.raises(ResourceException) as e:
+        vm.move_disk.post(disk="scsi0", **{"target-vmid": 150})
+    assert e.value.content == "could not find target VM 150"
+    with pytest.raises(ResourceException) as e:
+        vm.move_disk.post(disk="ide2", storage="local")
+    assert e.value.errors == {"storage": "storage 'local' does not support vm images"}
+    pve.state.storages["local"].content.add("images")
+    upid = vm.move_disk.post(disk="scsi0", storage="local", format="qcow2")
+    assert wait(api, upid)["exitstatus"] == "OK"
+    config = vm.config.get()
+    assert config["scsi0"] == "local:100/vm-100-disk-0.qcow2,size=2G"
+    assert config["unused0"] == "local-zfs:vm-100-disk-0"
+
+
+def test_unused_disks_move_from_a_running_vm(api: ProxmoxAPI) -> None:
+    wait(api, create_vm(api, 100))
+    wait(api, api.nodes("pve").qemu.post(vmid=101, scsi1="local-zfs:8"))
+    source = api.nodes("pve").qemu(101)
+    wait(api, source.status.start.post())
+    source.config.put(delete="scsi1")
+    upid = source.move_disk.post(disk="unused0", **{"target-vmid": 100, "target-disk": "scsi1"})
+    status = wait(api, upid)
+    assert status["exitstatus"] == "OK" and status["id"] == "101-unused0>100-scsi1"
+    assert api.nodes("pve").qemu(100).config.get()["scsi1"] == "local-zfs:vm-100-disk-1"

@@ -115,8 +115,21 @@ def test_property_string_keys_are_checked(schema: Schema) -> None:
 
 def test_duplicate_scalar_but_array_repeats(schema: Schema) -> None:
     assert errors(schema, "POST", "/nodes/pve/qemu/100/agent/exec", command=["ls", "-l"]) == {}
-    duplicate = {"vmid": "duplicate parameter (not allowed)"}
+    duplicate = {"vmid": "type check ('integer') failed - got ARRAY"}
     assert errors(schema, "POST", "/nodes/pve/qemu", vmid=["100", "101"]) == duplicate
+
+
+def test_volume_ids_keep_their_slash(schema: Schema) -> None:
+    endpoint = schema.resolve("DELETE", "/nodes/pve/storage/local/content/local:iso/debian.iso")
+    assert endpoint.path_params["volume"] == "local:iso/debian.iso"
+    encoded = schema.resolve("GET", "/nodes/pve/storage/local/content/local%3Aiso%2Fdebian.iso")
+    assert encoded.path_params["volume"] == "local:iso/debian.iso"
+
+
+def test_path_values_cannot_be_overridden(schema: Schema) -> None:
+    reason = errors(schema, "GET", "/nodes/pve/qemu/100/config", vmid="101")
+    assert reason == {"vmid": "duplicate parameter (already defined in URI)"}
+    assert errors(schema, "GET", "/nodes/pve/qemu/100/config", vmid="100") == {}
 
 
 def test_every_error_at_once(schema: Schema) -> None:
