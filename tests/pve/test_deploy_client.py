@@ -337,3 +337,48 @@ def test_wait_task_on_a_real_task(client: Pve, pve: PveEmulator, tmp_path: Path)
 def test_tokens_from_the_environment_reach_the_api(client: Pve, token: str) -> None:
     assert client.get("/version")["release"] == "8.4"
     assert isinstance(client.target.token, Token) and client.target.token.tokenid == token
+
+
+def test_the_derived_role_covers_every_deploy_call(pve: PveEmulator, site: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With exactly the ACLs token-role prints, the swap's calls pass the emulator's permission checks: upload the
+    image and a seed ISO, create a VM from them on the bridge, start, shut down, stop, destroy."""
+    from builder.site import load_site
+
+    section = load_site(site).proxmox()
+    plan = proxmox.token_role(section, "least@pve!deploy")
+    pve.state.add_token("least@pve!deploy", "s5", {path: set(privs) for path, privs in plan.roles.values()})
+    monkeypatch.setenv("PVE_TOKEN", "least@pve!deploy=s5")
+    client = Pve(Target.from_site(section, proxmox.token_from_env()), sleep=lambda seconds: None)
+    image, seed = qcow2(tmp_path / "intranet-7.qcow2"), tmp_path / "intranet-7-seed.iso"
+    seed.write_bytes(b"\0" * 4096)
+    proxmox.upload(client, "local", "import", image, sha256(image))
+    proxmox.upload(client, "local", "iso", seed, sha256(seed))
+    config = {"vmid": 101, "name": "intranet", "tags": "homelab;homelab-intranet", "cores": 2, "memory": 2048,
+              "scsihw": "virtio-scsi-single", "scsi0": "local-zfs:0,import-from=local:import/intranet-7.qcow2",
+              "ide2": "local:iso/intranet-7-seed.iso,media=cdrom", "net0": "virtio,bridge=vmbr0", "agent": 1}
+    proxmox.wait_task(client, client.call("POST", "/nodes/pve/qemu", **config), 60)
+    assert client.get("/nodes/pve/qemu/101/config")["tags"] == "homelab;homelab-intranet"
+    for action in ("start", "shutdown", "start", "stop"):
+        proxmox.wait_task(client, client.call("POST", f"/nodes/pve/qemu/101/status/{action}"), 60)
+    assert client.get("/nodes/pve/qemu/101/status/current")["status"] == "stopped"
+    proxmox.wait_task(client, client.call("DELETE", "/nodes/pve/qemu/101"), 60)
+    assert 101 not in pve.state.vms
+    used = {(r.method, r.path) for r in pve.requests}
+    assert all(r.status == 200 for r in pve.requests), [(r.method, r.path, r.status) for r in pve.requests]
+    assert ("POST", "/nodes/pve/qemu") in used
+
+
+def test_a_call_outside_the_role_is_forbidden_in_one_line(pve: PveEmulator, site: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.site import load_site
+
+    section = load_site(site).proxmox()
+    plan = proxmox.token_role(section, "least@pve!deploy")
+    pve.state.add_token("least@pve!deploy", "s6", {path: set(privs) for path, privs in plan.roles.values()})
+    monkeypatch.setenv("PVE_TOKEN", "least@pve!deploy=s6")
+    client = Pve(Target.from_site(section, proxmox.token_from_env()))
+    with pytest.raises(ProxmoxError) as caught:
+        client.call("POST", "/nodes/pve/qemu/101/snapshot", snapname="before")
+    assert str(caught.value) == ("POST /nodes/pve/qemu/101/snapshot: HTTP 403 Forbidden: Permission check failed "
+                                 "(/vms/101, VM.Snapshot) (the token lacks a privilege: see `homelab token-role`)")
