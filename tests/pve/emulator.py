@@ -21,8 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from .call import Call, Upload
 from .faults import Fault, Faults, Request
-from .handlers import ROUTES, Call, Upload
+from .handlers import ROUTES
 from .multipart import MultipartError, read_form
 from .permissions import check_expression
 from .schema import ApiError, Schema
