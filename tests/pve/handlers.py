@@ -739,12 +739,12 @@ def agent_enabled(vm: Vm) -> bool:
 
 
 def ready_agent(call: Call) -> Vm:
-    """qemu-server's agent_available: VM running, agent configured, agent answering."""
+    """qemu-server's agent_available, in its order: agent configured, VM running, agent answering."""
     vm = call.vm
-    if vm.status != "running":
-        raise ApiError(500, f"VM {vm.vmid} is not running")
     if not agent_enabled(vm):
         raise ApiError(500, "No QEMU guest agent configured")
+    if vm.status != "running":
+        raise ApiError(500, f"VM {vm.vmid} is not running")
     if not vm.agent.responding:
         raise ApiError(500, "QEMU guest agent is not running")
     return vm
@@ -778,7 +778,7 @@ def agent_exec_status(call: Call) -> Any:
     vm = ready_agent(call)
     pid = int(call.params["pid"])
     if pid not in vm.agent.running:
-        raise ApiError(500, f"Agent error: Invalid parameter 'pid': no such process {pid}")
+        raise ApiError(500, "Agent error: Invalid parameter 'pid'")
     result, polls = vm.agent.running[pid]
     if polls > 0:
         vm.agent.running[pid] = (result, polls - 1)

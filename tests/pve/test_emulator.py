@@ -113,10 +113,13 @@ def test_bad_parameter_is_400_naming_it(api: ProxmoxAPI) -> None:
 
 def test_missing_or_wrong_token_is_401(pve: PveEmulator) -> None:
     anonymous = requests.get(f"{pve.url}/version", verify=str(pve.ca_file), timeout=5)
-    assert anonymous.status_code == 401
+    assert (anonymous.status_code, anonymous.reason) == (401, "No ticket")
     with pytest.raises(ResourceException) as e:
         ProxmoxAPI(**{**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file)), "token_value": "wrong"}).version.get()
-    assert e.value.status_code == 401
+    assert (e.value.status_code, e.value.content) == (401, "invalid token value!")
+    with pytest.raises(ResourceException) as e:
+        ProxmoxAPI(**{**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file)), "token_name": "other"}).version.get()
+    assert e.value.content == "no such token 'other' for user 'homelab@pve'"
 
 
 def test_permission_denied_is_403(api: ProxmoxAPI, pve: PveEmulator) -> None:
