@@ -513,18 +513,20 @@ def stop(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown")
 def shutdown(call: Call) -> Any:
+    """vm_shutdown: an ACPI shutdown in a qmshutdown task; a VM already stopped is no error (vm_stop)."""
     vm = call.vm
-    error = None if vm.status == "running" else f"VM {vm.vmid} not running"
-    if error is None and call.task_error is None:
+    if call.task_error is None:
         vm.status = "stopped"
-    return call.task("qmshutdown", vm.vmid, error=error)
+    return call.task("qmshutdown", vm.vmid)
 
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/reboot")
 def reboot(call: Call) -> Any:
+    """vm_reboot refuses a stopped VM before forking ("VM N not running")."""
     vm = call.vm
-    error = None if vm.status == "running" else f"VM {vm.vmid} not running"
-    return call.task("qmreboot", vm.vmid, error=error)
+    if vm.status != "running":
+        raise ApiError(500, f"VM {vm.vmid} not running")
+    return call.task("qmreboot", vm.vmid)
 
 
 # --- VMs: move_disk --------------------------------------------------------------------------------------------
@@ -696,8 +698,11 @@ def create_snapshot(call: Call) -> Any:
 
 @route("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}")
 def delete_snapshot(call: Call) -> Any:
+    """snapshot_delete, in the qmdelsnapshot worker: a missing snapshot fails the task."""
     vm = call.vm
-    snap = find_snapshot(vm, call.params["snapname"])
+    snap = vm.snapshots.get(call.params["snapname"])
+    if snap is None:
+        return call.task("qmdelsnapshot", vm.vmid, error=f"snapshot '{call.params['snapname']}' does not exist")
     if call.task_error is None:
         del vm.snapshots[snap.name]
         for other in vm.snapshots.values():
@@ -718,9 +723,12 @@ def snapshot_config(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback")
 def rollback(call: Call) -> Any:
-    """The config returns to the snapshot's; the VM stops (without vmstate), `start=1` starts it again."""
+    """snapshot_rollback, in the qmrollback worker: the config returns to the snapshot's; the VM stops
+    (without vmstate), `start=1` starts it again. A missing snapshot fails the task."""
     vm = call.vm
-    snap = find_snapshot(vm, call.params["snapname"])
+    snap = vm.snapshots.get(call.params["snapname"])
+    if snap is None:
+        return call.task("qmrollback", vm.vmid, error=f"snapshot '{call.params['snapname']}' does not exist")
     if call.task_error is None:
         vm.config = {**copy.deepcopy(snap.config), "parent": snap.name}
         vm.status = "running" if snap.vmstate or boolean(call.params.get("start")) else "stopped"

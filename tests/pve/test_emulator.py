@@ -186,7 +186,10 @@ def test_power_and_guest_agent(api: ProxmoxAPI, pve: PveEmulator) -> None:
     with pytest.raises(ResourceException):
         vm.agent.ping.post()
     assert wait(api, vm.status.shutdown.post())["exitstatus"] == "OK"
-    assert wait(api, vm.status.shutdown.post())["exitstatus"] == "VM 100 not running"
+    assert wait(api, vm.status.shutdown.post())["exitstatus"] == "OK"  # already stopped: vm_stop returns
+    with pytest.raises(ResourceException) as e:
+        vm.status.reboot.post()
+    assert e.value.content == "VM 100 not running"
 
 
 def test_move_disk_to_another_vm(api: ProxmoxAPI) -> None:
@@ -220,6 +223,10 @@ def test_snapshot_rollback_and_delete_vm(api: ProxmoxAPI, pve: PveEmulator) -> N
     assert [s["name"] for s in vm.snapshot.get()] == ["fresh", "current"]
     wait(api, vm.snapshot("fresh").rollback.post())
     assert "memory" not in vm.config.get()
+    assert wait(api, vm.snapshot("nope").delete())["exitstatus"] == "snapshot 'nope' does not exist"
+    with pytest.raises(ResourceException) as e:
+        vm.snapshot.post(snapname="current")
+    assert e.value.content == "unable to use snapshot name 'current' (reserved name)"
     wait(api, vm.status.start.post())
     with pytest.raises(ResourceException) as e:
         vm.delete()
