@@ -135,7 +135,8 @@ class PveEmulator:
             endpoint = self.schema.resolve(request.command, path)
             params, upload = self._read_params(request, parsed.query)
             entry.params = {k: v if len(v) > 1 else v[0] for k, v in params.items()}
-            fault = self.faults.take(request.command, path)
+            with self.state.lock:  # the Nth match stays the Nth under concurrent requests
+                fault = self.faults.take(request.command, path)
             if fault is not None and fault.kind == "error":
                 raise ApiError(fault.status, fault.message)
             if fault is not None and fault.kind == "hang":
