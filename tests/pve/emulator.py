@@ -21,8 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from .call import Call, Upload
 from .faults import Fault, Faults, Request
-from .handlers import ROUTES, Call, Upload
+from .handlers import ROUTES
 from .multipart import MultipartError, read_form
 from .permissions import check_expression
 from .schema import ApiError, Schema
@@ -43,6 +44,7 @@ class PveEmulator:
         self.schema = schema or Schema.load()
         self.host = host
         self.faults = Faults()
+        self.auth_failure_delay = 0.0  # seconds; PVE waits 3 before answering a 401
         self.requests: list[Request] = []
         self._closing = threading.Event()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -133,7 +135,8 @@ class PveEmulator:
             endpoint = self.schema.resolve(request.command, path)
             params, upload = self._read_params(request, parsed.query)
             entry.params = {k: v if len(v) > 1 else v[0] for k, v in params.items()}
-            fault = self.faults.take(request.command, path)
+            with self.state.lock:  # the Nth match stays the Nth under concurrent requests
+                fault = self.faults.take(request.command, path)
             if fault is not None and fault.kind == "error":
                 raise ApiError(fault.status, fault.message)
             if fault is not None and fault.kind == "hang":
@@ -160,13 +163,20 @@ class PveEmulator:
                 upload.path.unlink()
 
     def _authenticate(self, request: _Handler) -> str:
-        """`Authorization: PVEAPIToken=user@realm!tokenid=secret`; 401 otherwise (PVE::APIServer)."""
+        """`Authorization: PVEAPIToken=user@realm!tokenid=secret`, else 401 with pve-http-server's reason:
+        "No ticket" without credentials, PVE::AccessControl's message for an unknown token or a wrong secret.
+        (PVE also delays every 401 by 3 seconds; `auth_failure_delay` does that when set.)"""
         header = request.headers.get("Authorization", "")
         if not header.startswith("PVEAPIToken="):
             raise ApiError(401, "No ticket")
         tokenid, sep, secret = header[len("PVEAPIToken="):].rpartition("=")
-        if not sep or self.state.tokens.get(tokenid) != secret:
-            raise ApiError(401, "authentication failure")
+        user, _, name = tokenid.partition("!")
+        if not sep or tokenid not in self.state.tokens:
+            self._closing.wait(self.auth_failure_delay)
+            raise ApiError(401, f"no such token '{name}' for user '{user}'")
+        if self.state.tokens[tokenid] != secret:
+            self._closing.wait(self.auth_failure_delay)
+            raise ApiError(401, "invalid token value!")
         return tokenid
 
     def _read_params(self, request: _Handler, query: str) -> tuple[dict[str, list[str]], Upload | None]:

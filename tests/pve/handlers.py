@@ -16,12 +16,13 @@ import shutil
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .permissions import config_privilege, require
-from .schema import ApiError, Endpoint, ParamError, split_property_string
+from . import qemu
+from .call import Call, WorkerFailure, boolean, find_storage
+from .qemu import drive_file, is_cdrom, is_drive, parse_options, referenced_by_snapshot, render_options
+from .schema import ApiError, ParamError
 from .state import ExecResult, PveState, Snapshot, Storage, Task, Vm, Volume
 
 Handler = Callable[["Call"], Any]
@@ -34,83 +35,6 @@ def route(method: str, template: str) -> Callable[[Handler], Handler]:
         return handler
 
     return register
-
-
-@dataclass
-class Upload:
-    """The file part of a multipart upload, already streamed to `path`."""
-
-    path: Path
-    filename: str
-    size: int
-
-
-@dataclass
-class Call:
-    state: PveState
-    endpoint: Endpoint
-    params: dict[str, Any]
-    user: str  # the token id, user@realm!tokenid
-    workdir: Path
-    task_error: str | None = None  # fault injection: the next task of this call fails with this
-    upload: Upload | None = None
-    tasks: list[Task] = field(default_factory=list)
-
-    def privileges(self, path: str) -> set[str]:
-        return self.state.privileges(self.user, path)
-
-    def require(self, path: str, privs: list[str], any_of: bool = False) -> None:
-        require(self.privileges, path, privs, any_of)
-
-    def task(self, kind: str, ident: object = "", error: str | None = None, log: list[str] | None = None) -> str:
-        """Start a worker task (PVE's fork_worker) and return its UPID; an injected error wins over `error`."""
-        task = self.state.new_task(self.node, kind, str(ident), self.user, self.task_error or error)
-        task.log = list(log or [])
-        self.tasks.append(task)
-        return task.upid
-
-    @property
-    def node(self) -> str:
-        node = self.params.get("node", self.state.nodes[0])
-        if node not in self.state.nodes:
-            raise ApiError(500, f"hostname lookup '{node}' failed - failed to get address info for: {node}: "
-                                "Name or service not known")
-        return str(node)
-
-    @property
-    def vm(self) -> Vm:
-        return find_vm(self.state, int(self.params["vmid"]), self.node)
-
-    @property
-    def storage(self) -> Storage:
-        return find_storage(self.state, self.params["storage"])
-
-
-def find_vm(state: PveState, vmid: int, node: str) -> Vm:
-    """The VM, or PVE's error for a config file that is not on this node."""
-    vm = state.vms.get(vmid)
-    if vm is None or vm.node != node:
-        raise ApiError(500, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
-    return vm
-
-
-def find_storage(state: PveState, name: str) -> Storage:
-    storage = state.storages.get(name)
-    if storage is None:
-        raise ApiError(500, f"storage '{name}' does not exist")
-    return storage
-
-
-def boolean(value: Any) -> bool:
-    return str(value).lower() in {"1", "on", "yes", "true"}
-
-
-def size_text(size: int) -> str:
-    """PVE's size notation in drive strings (PVE::JSONSchema::format_size): 32G, 2252M, 4K or bytes."""
-    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
-        if size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
 
 
 # --- cluster, version, access ------------------------------------------------------------------------------
@@ -238,7 +162,7 @@ def storage_content(call: Call) -> Any:
     _ = call.node
     storage = call.storage
     out = []
-    for v in storage.volumes.values():
+    for v in sorted(storage.volumes.values(), key=lambda v: v.volid):
         if call.params.get("content") not in (None, v.content):
             continue
         if "vmid" in call.params and v.vmid != int(call.params["vmid"]):
@@ -365,162 +289,6 @@ def image_size(path: Path) -> int:
 
 # --- VMs: config and disks ---------------------------------------------------------------------------------
 
-DRIVE = re.compile(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+")
-NIC_MODELS = ("e1000", "e1000-82540em", "e1000-82544gc", "e1000-82545em", "e1000e", "i82551", "i82557b",
-              "i82559er", "ne2k_isa", "ne2k_pci", "pcnet", "rtl8139", "virtio", "vmxnet3")
-
-
-def is_drive(key: str) -> bool:
-    return DRIVE.fullmatch(key) is not None
-
-
-def parse_options(value: str) -> tuple[str, dict[str, str]]:
-    """(bare value, {key: value}) of a property string, e.g. a drive's volume and its options."""
-    bare, options = "", {}
-    for part in split_property_string(value):
-        key, sep, text = part.partition("=")
-        if sep:
-            options[key] = text
-        else:
-            bare = part
-    return options.pop("file", bare), options
-
-
-def drive_file(value: str) -> str:
-    return parse_options(value)[0]
-
-
-def render_options(first: str, options: dict[str, str]) -> str:
-    return ",".join([first, *(f"{k}={v}" for k, v in options.items())])
-
-
-def is_cdrom(value: str) -> bool:
-    return parse_options(value)[1].get("media") == "cdrom"
-
-
-def required_privilege(key: str, value: str | None) -> str:
-    if value is not None and is_drive(key) and is_cdrom(value):
-        return "VM.Config.CDROM"
-    return config_privilege(key)
-
-
-NEW_DISK = re.compile(r"(?P<storage>[a-z][a-z0-9\-_.]*[a-z0-9]):(?P<size>\d+(\.\d+)?)")
-
-
-def make_drive(call: Call, vm: Vm, key: str, value: str) -> str:
-    """qemu-server's create_disks: allocate `STORAGE:SIZE`, import `STORAGE:0,import-from=VOLID`, make a
-    cloud-init drive from `STORAGE:cloudinit`, or use an existing volume (`VOLID,media=cdrom`, `none`)."""
-    file, options = parse_options(value)
-    if file in ("none", "cdrom") or re.fullmatch(r"/dev/.+", file):
-        return value
-    if file.endswith(":cloudinit"):
-        storage = find_storage(call.state, file.split(":")[0])
-        call.require(f"/storage/{storage.name}", ["Datastore.AllocateSpace"])
-        volid = storage.volume_name(vm.vmid, "cloudinit")
-        call.state.add_volume(Volume(volid, "images", "raw", 4 * 1024**2, vm.vmid))
-        return render_options(volid, {**options, "media": "cdrom"})
-    new = NEW_DISK.fullmatch(file)
-    if new:
-        return allocate_disk(call, vm, new["storage"], float(new["size"]), options)
-    volume = call.state.volume(file)
-    if volume is None:
-        raise ApiError(500, f"volume '{file}' does not exist")
-    if volume.content in ("iso", "import", "vztmpl"):
-        call.require(f"/storage/{volume.storage}", ["Datastore.AllocateSpace", "Datastore.Audit"], any_of=True)
-    return value
-
-
-def allocate_disk(call: Call, vm: Vm, storage_name: str, size_gib: float, options: dict[str, str]) -> str:
-    storage = find_storage(call.state, storage_name)
-    call.require(f"/storage/{storage.name}", ["Datastore.AllocateSpace"])
-    if "images" not in storage.content:
-        raise ApiError(500, f"storage '{storage.name}' does not support vm images")
-    source = options.pop("import-from", None)
-    if source is not None:
-        if size_gib != 0:
-            raise ParamError({"import-from": "'import-from' requires special syntax - use <storage ID>:0,"
-                                             "import-from=<source>"})
-        volume = call.state.volume(source)
-        if volume is None:
-            raise ApiError(500, f"volume '{source}' does not exist")
-        if volume.content == "import":
-            call.require(f"/storage/{volume.storage}", ["Datastore.AllocateSpace", "Datastore.Audit"], any_of=True)
-        size = volume.size
-    else:
-        size = int(size_gib * 1024**3)
-    volid = call.state.new_disk_volid(storage, vm.vmid)
-    call.state.add_volume(Volume(volid, "images", "qcow2" if storage.type == "dir" else "raw", size, vm.vmid))
-    return render_options(volid, {**options, "size": size_text(size)})
-
-
-def normalize_nic(call: Call, value: str) -> str:
-    """qemu-server writes `model=MAC` first (a generated BC:24:11 address when none is given), then the rest;
-    a bridge needs SDN.Use on /sdn/zones/localnetwork/BRIDGE (PVE 8's check_bridge_access)."""
-    parts = split_property_string(value)
-    model, mac, rest = "virtio", None, []
-    for part in parts:
-        key, _, text = part.partition("=")
-        if key in NIC_MODELS:
-            model, mac = key, (text or mac)
-        elif key == "model":
-            model = text
-        elif key == "macaddr":
-            mac = text
-        else:
-            rest.append(part)
-    options = dict(p.split("=", 1) for p in rest if "=" in p)
-    if "bridge" in options:
-        call.require(f"/sdn/zones/localnetwork/{options['bridge']}", ["SDN.Use"])
-    mac = mac or "BC:24:11:" + ":".join(f"{random.randrange(256):02X}" for _ in range(3))
-    return ",".join([f"{model}={mac}", *rest])
-
-
-CONFIG_CONTROL = {"node", "vmid", "digest", "delete", "revert", "skiplock", "start", "background_delay",
-                  "force", "pool", "unique", "archive", "storage", "live-restore", "bwlimit",
-                  "import-working-storage"}
-
-
-def apply_config(call: Call, vm: Vm, params: dict[str, Any]) -> None:
-    """Set keys (checking each key's VM.Config.* privilege), making disks and NICs as PVE does."""
-    for key, value in params.items():
-        if key in CONFIG_CONTROL:
-            continue
-        call.require(f"/vms/{vm.vmid}", [required_privilege(key, str(value))])
-        text = str(value)
-        if is_drive(key):
-            old = vm.config.get(key)
-            if old is not None and drive_file(old) != drive_file(text) and not is_cdrom(old):
-                detach(call.state, vm, key)
-            text = make_drive(call, vm, key, text)
-        elif re.fullmatch(r"net\d+", key):
-            text = normalize_nic(call, text)
-        vm.config[key] = text
-
-
-def detach(state: PveState, vm: Vm, key: str) -> None:
-    """Removing a disk from the config leaves it as unusedN; a cloud-init drive is freed (qemu-server)."""
-    value = vm.config.pop(key)
-    file = drive_file(value)
-    if file.endswith("-cloudinit") or is_cdrom(value) or key.startswith("unused"):
-        volume = state.volume(file)
-        if volume is not None and volume.vmid == vm.vmid and not referenced_by_snapshot(vm, file):
-            del state.storages[volume.storage].volumes[file]
-        return
-    add_unused(vm, file)
-
-
-def delete_keys(call: Call, vm: Vm, keys: str) -> None:
-    for key in filter(None, re.split(r"[,;\s]+", keys)):
-        value = vm.config.get(key)
-        call.require(f"/vms/{vm.vmid}", [required_privilege(key, value)])
-        if value is None:
-            continue
-        if is_drive(key):
-            detach(call.state, vm, key)
-        else:
-            del vm.config[key]
-
-
 MODIFIED = "detected modified configuration - file changed by other user? Try again."
 
 
@@ -538,16 +306,14 @@ def typed_config(call: Call, vm: Vm) -> dict[str, Any]:
         if key == "parent":
             continue
         kind = returns.get(key, {}).get("type")
-        if kind in ("integer", "boolean") and re.fullmatch(r"-?\d+", value):
-            out[key] = int(value)
-        else:
-            out[key] = value
+        out[key] = int(value) if kind in ("integer", "boolean") and re.fullmatch(r"-?\d+", value) else value
     out["digest"] = vm.digest
     return out
 
 
 @route("GET", "/nodes/{node}/qemu")
 def list_vms(call: Call) -> Any:
+    """Only VMs the token may audit (VM.Audit on /vms/VMID)."""
     node = call.node
     return [{"vmid": vm.vmid, "name": vm.name, "status": vm.status, "tags": vm.config.get("tags", ""),
              "cpus": int(vm.config.get("cores", "1")), "uptime": 0}
@@ -556,26 +322,47 @@ def list_vms(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu")
 def create_vm(call: Call) -> Any:
-    """qemu-server create_vm: VM.Allocate on /vms/VMID, the VMID free, disks made, task qmcreate."""
+    """qemu-server create_vm: the checks before the worker (see qemu.py), then a qmcreate task whose failure
+    ("unable to create VM N - ...") leaves no VM and no volume behind."""
     node = call.node
     vmid = int(call.params["vmid"])
-    call.require(f"/vms/{vmid}", ["VM.Allocate"])
+    storage = call.params.get("storage")
+    if storage:
+        call.require(f"/storage/{storage}", ["Datastore.AllocateSpace"])
+    if boolean(call.params.get("start")):
+        call.require(f"/vms/{vmid}", ["VM.PowerMgmt"])
+    qemu.require_vm_allocate(call, vmid)
+    config = qemu.config_only(call.params)
+    check_new_config(call, vmid, config, storage)
     if vmid in call.state.vms:
         other = call.state.vms[vmid].node
         raise ApiError(500, f"unable to create VM {vmid} - VM {vmid} already exists on node '{other}'")
     vm = Vm(vmid, node, {})
     try:
-        apply_config(call, vm, call.params)
-    except ApiError:
-        drop_volumes(call.state, vmid)
-        raise
-    vm.config.setdefault("vmgenid", f"00000000-0000-4000-8000-{random.getrandbits(48):012x}")
-    vm.config.setdefault("smbios1", f"uuid=00000000-0000-4000-8000-{random.getrandbits(48):012x}")
+        disks = qemu.create_disks(call, vm, config, storage)
+    except WorkerFailure as e:
+        return call.task("qmcreate", vmid, error=f"unable to create VM {vmid} - {e}")
+    vm.config = qemu.new_vm_config(config, disks)
     call.state.vms[vmid] = vm
-    upid = call.task("qmcreate", vmid, log=[f"{k}: {v}" for k, v in vm.config.items() if is_drive(k)])
+    log = [f"{k}: successfully created disk '{v}'" for k, v in disks.items()]
     if boolean(call.params.get("start")):
-        vm.status = "running"
-    return upid
+        log.append("Execute autostart")
+        error = start_error(call.state, vm)
+        if error:
+            log.append(f"WARN: {error}")
+        else:
+            vm.status = "running"
+    return call.task("qmcreate", vmid, log=log)
+
+
+def check_new_config(call: Call, vmid: int, config: dict[str, str], storage: str | None = None) -> None:
+    """The checks create_vm and update_vm_api both make before changing anything."""
+    qemu.check_storage_access(call, config, storage)
+    qemu.check_modify_config_perm(call, vmid, list(config))
+    qemu.check_dir_perm(call, vmid, config)
+    qemu.check_bridge_access(call, config)
+    qemu.check_drive_params(config)
+    qemu.add_random_macs(config)
 
 
 def drop_volumes(state: PveState, vmid: int) -> None:
@@ -589,32 +376,74 @@ def get_config(call: Call) -> Any:
     vm = call.vm
     snapname = call.params.get("snapshot")
     if snapname:
-        snap = find_snapshot(vm, snapname)
-        return {**snap.config, "digest": vm.digest}
+        return {**find_snapshot(vm, snapname).config, "digest": vm.digest}
     return typed_config(call, vm)
 
 
 def update_config(call: Call) -> Vm:
+    """update_vm_api: digest, then the checks (each key's privilege, drives by kind, storages, bridges),
+    then deletions and new values. A replaced or deleted disk stays as unusedN; deleting unusedN or a
+    cloud-init drive frees the volume. Changes apply at once, also on a running VM (PVE would make
+    non-hotpluggable ones pending)."""
     vm = call.vm
     check_digest(vm, call.params.get("digest"))
-    if "delete" in call.params:
-        delete_keys(call, vm, call.params["delete"])
-    apply_config(call, vm, call.params)
+    config = qemu.config_only(call.params)
+    deletes = [k for k in re.split(r"[,;\s]+", call.params.get("delete", "")) if k]
+    qemu.check_modify_config_perm(call, vm.vmid, deletes)
+    for key in deletes:
+        if qemu.is_disk_key(key) and key in vm.config:
+            qemu.check_drive_perm(call, vm.vmid, vm.config[key])
+    for key, value in config.items():
+        if qemu.is_drive(key):
+            qemu.check_drive_perm(call, vm.vmid, value)
+    check_new_config(call, vm.vmid, config)
+    for key in deletes:
+        if key in vm.config:
+            remove_key(call.state, vm, key)
+    for key in [k for k in config if qemu.is_drive(k) and k in vm.config]:
+        if qemu.drive_file(vm.config[key]) != qemu.drive_file(config[key]):
+            remove_key(call.state, vm, key)
+    made = qemu.create_disks(call, vm, config)
+    vm.config.update(config)
+    vm.config.update(made)
     return vm
+
+
+def remove_key(state: PveState, vm: Vm, key: str) -> None:
+    """Deleting a key: a disk becomes unusedN, an unusedN or cloud-init volume is freed, a CD is dropped."""
+    value = vm.config.pop(key)
+    if not qemu.is_disk_key(key):
+        return
+    volid = qemu.drive_file(value)
+    volume = state.volume(volid)
+    if volume is None or volume.vmid != vm.vmid:
+        return
+    if key.startswith("unused") or qemu.is_cloudinit(value):
+        if not qemu.referenced_by_snapshot(vm, volid):
+            del state.storages[volume.storage].volumes[volid]
+    elif not qemu.is_cdrom(value):
+        add_unused(vm, volid)
 
 
 @route("PUT", "/nodes/{node}/qemu/{vmid}/config")
 def set_config_sync(call: Call) -> Any:
-    """Synchronous config update (returns null). Changes apply at once, also on a running VM (no pending)."""
-    update_config(call)
+    """Synchronous update (returns null): a failure making a disk is an HTTP 500."""
+    try:
+        update_config(call)
+    except WorkerFailure as e:
+        raise ApiError(500, str(e)) from e
     return None
 
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/config")
 def set_config_async(call: Call) -> Any:
-    """Asynchronous config update: the same, as a qmconfig task."""
-    vm = update_config(call)
-    return call.task("qmconfig", vm.vmid)
+    """Asynchronous update: a qmconfig task, which a failure making a disk fails."""
+    vmid = call.vm.vmid
+    try:
+        update_config(call)
+    except WorkerFailure as e:
+        return call.task("qmconfig", vmid, error=str(e))
+    return call.task("qmconfig", vmid)
 
 
 @route("GET", "/nodes/{node}/qemu/{vmid}/pending")
@@ -684,18 +513,20 @@ def stop(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown")
 def shutdown(call: Call) -> Any:
+    """vm_shutdown: an ACPI shutdown in a qmshutdown task; a VM already stopped is no error (vm_stop)."""
     vm = call.vm
-    error = None if vm.status == "running" else f"VM {vm.vmid} not running"
-    if error is None and call.task_error is None:
+    if call.task_error is None:
         vm.status = "stopped"
-    return call.task("qmshutdown", vm.vmid, error=error)
+    return call.task("qmshutdown", vm.vmid)
 
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/reboot")
 def reboot(call: Call) -> Any:
+    """vm_reboot refuses a stopped VM before forking ("VM N not running")."""
     vm = call.vm
-    error = None if vm.status == "running" else f"VM {vm.vmid} not running"
-    return call.task("qmreboot", vm.vmid, error=error)
+    if vm.status != "running":
+        raise ApiError(500, f"VM {vm.vmid} not running")
+    return call.task("qmreboot", vm.vmid)
 
 
 # --- VMs: move_disk --------------------------------------------------------------------------------------------
@@ -819,10 +650,6 @@ def add_unused(vm: Vm, volid: str) -> str:
     return f"unused{n}"
 
 
-def referenced_by_snapshot(vm: Vm, volid: str) -> bool:
-    return any(volid == drive_file(v) for s in vm.snapshots.values() for k, v in s.config.items() if is_drive(k))
-
-
 # --- VMs: snapshots --------------------------------------------------------------------------------------------
 
 
@@ -871,8 +698,11 @@ def create_snapshot(call: Call) -> Any:
 
 @route("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}")
 def delete_snapshot(call: Call) -> Any:
+    """snapshot_delete, in the qmdelsnapshot worker: a missing snapshot fails the task."""
     vm = call.vm
-    snap = find_snapshot(vm, call.params["snapname"])
+    snap = vm.snapshots.get(call.params["snapname"])
+    if snap is None:
+        return call.task("qmdelsnapshot", vm.vmid, error=f"snapshot '{call.params['snapname']}' does not exist")
     if call.task_error is None:
         del vm.snapshots[snap.name]
         for other in vm.snapshots.values():
@@ -893,9 +723,12 @@ def snapshot_config(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback")
 def rollback(call: Call) -> Any:
-    """The config returns to the snapshot's; the VM stops (without vmstate), `start=1` starts it again."""
+    """snapshot_rollback, in the qmrollback worker: the config returns to the snapshot's; the VM stops
+    (without vmstate), `start=1` starts it again. A missing snapshot fails the task."""
     vm = call.vm
-    snap = find_snapshot(vm, call.params["snapname"])
+    snap = vm.snapshots.get(call.params["snapname"])
+    if snap is None:
+        return call.task("qmrollback", vm.vmid, error=f"snapshot '{call.params['snapname']}' does not exist")
     if call.task_error is None:
         vm.config = {**copy.deepcopy(snap.config), "parent": snap.name}
         vm.status = "running" if snap.vmstate or boolean(call.params.get("start")) else "stopped"
@@ -914,12 +747,12 @@ def agent_enabled(vm: Vm) -> bool:
 
 
 def ready_agent(call: Call) -> Vm:
-    """qemu-server's agent_available: VM running, agent configured, agent answering."""
+    """qemu-server's agent_available, in its order: agent configured, VM running, agent answering."""
     vm = call.vm
-    if vm.status != "running":
-        raise ApiError(500, f"VM {vm.vmid} is not running")
     if not agent_enabled(vm):
         raise ApiError(500, "No QEMU guest agent configured")
+    if vm.status != "running":
+        raise ApiError(500, f"VM {vm.vmid} is not running")
     if not vm.agent.responding:
         raise ApiError(500, "QEMU guest agent is not running")
     return vm
@@ -953,7 +786,7 @@ def agent_exec_status(call: Call) -> Any:
     vm = ready_agent(call)
     pid = int(call.params["pid"])
     if pid not in vm.agent.running:
-        raise ApiError(500, f"Agent error: Invalid parameter 'pid': no such process {pid}")
+        raise ApiError(500, "Agent error: Invalid parameter 'pid'")
     result, polls = vm.agent.running[pid]
     if polls > 0:
         vm.agent.running[pid] = (result, polls - 1)

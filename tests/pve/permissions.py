@@ -22,8 +22,11 @@ Privileges = Callable[[str], set[str]]
 
 
 class Forbidden(ApiError):
-    def __init__(self, path: str, privs: list[str]) -> None:
-        super().__init__(403, f"Permission check failed ({path}, {'|'.join(privs)})")
+    """PVE::Exception::raise_perm_exc: "Permission check failed (PATH, PRIVS)", or bare without a path."""
+
+    def __init__(self, path: str | None, privs: list[str]) -> None:
+        detail = f" ({path}, {'|'.join(privs)})" if path else ""
+        super().__init__(403, f"Permission check failed{detail}")
 
 
 def check_expression(expr: Any, params: Mapping[str, Any], privileges: Privileges) -> None:
@@ -68,24 +71,3 @@ def require(privileges: Privileges, path: str, wanted: list[str], any_of: bool =
 
 def substitute(path: str, params: Mapping[str, Any]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: str(params.get(m[1], m[0])), path)
-
-
-# qemu-server's check_vm_modify_config_perm: which VM.Config.* privilege a config key needs.
-CONFIG_PRIVILEGE = [
-    (r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d*", "VM.Config.Disk"),
-    (r"net\d+", "VM.Config.Network"),
-    (r"(cores|sockets|cpu|cpulimit|cpuunits|vcpus|numa\d*|affinity)", "VM.Config.CPU"),
-    (r"(memory|balloon|shares|hugepages)", "VM.Config.Memory"),
-    (r"(ciuser|cipassword|citype|ciupgrade|cicustom|sshkeys|nameserver|searchdomain|ipconfig\d+)",
-     "VM.Config.Cloudinit"),
-    (r"(hostpci|usb|serial|parallel|audio|rng|vga|machine|bios|scsihw|tablet|keyboard|virtiofs)\d*",
-     "VM.Config.HWType"),
-]
-
-
-def config_privilege(key: str) -> str:
-    """The privilege to set a VM config key (cdrom drives need VM.Config.CDROM instead of Disk)."""
-    for pattern, privilege in CONFIG_PRIVILEGE:
-        if re.fullmatch(pattern, key):
-            return privilege
-    return "VM.Config.Options"

@@ -253,7 +253,25 @@ def check_string(prop: Mapping[str, Any], value: str) -> str | None:
     fmt = prop.get("format")
     if isinstance(fmt, dict):
         return check_property_string(fmt, value)
+    if isinstance(fmt, str) and fmt in STRING_FORMATS:
+        pattern, message = STRING_FORMATS[fmt]
+        items = re.split(r"[;,\s]+", value) if fmt.endswith("-list") else [value]
+        bad = next((item for item in items if item and not re.fullmatch(pattern, item)), None)
+        if bad is not None:
+            return "invalid format - " + message.format(bad)
     return None
+
+
+# A few of PVE's named string formats (PVE::JSONSchema::register_format and pve-storage), with their errors;
+# the others are not checked.
+STRING_FORMATS: dict[str, tuple[str, str]] = {
+    "pve-configid": (r"(?i)[a-z][a-z0-9_-]+", "invalid configuration ID '{}'"),
+    "pve-configid-list": (r"(?i)[a-z][a-z0-9_-]+", "invalid configuration ID '{}'"),
+    "pve-storage-id": (r"(?i)[a-z][a-z0-9\-_.]*[a-z0-9]", "storage ID '{}' contains illegal characters"),
+    "pve-node": (r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?", "value does not look like a valid node name"),
+    "pve-tag-list": (r"(?i)[a-z0-9_][a-z0-9_\-+.]*", "invalid tag '{}'"),
+    "pve-volume-id": (r"[a-z][a-z0-9\-_.]*[a-z0-9]:.+", "unable to parse volume ID '{}'"),
+}
 
 
 @cache

@@ -198,7 +198,8 @@ def test_the_derived_role_is_enough_for_preflight(pve: PveEmulator, site: Path,
     (None, "error: PVE_TOKEN is not set: export PVE_TOKEN=user@realm!tokenid=secret (see `homelab token-role` "
            "for creating one)"),
     ("homelab@pve:deploy", "error: PVE_TOKEN is not user@realm!tokenid=secret (e.g. homelab@pve!deploy=<uuid>)"),
-    ("homelab@pve!deploy=wrong", "error: GET /version: HTTP 401 Unauthorized: authentication failure (the token "
+    # PVE's own reason for a wrong secret (pve-http-server), as the emulator answers it.
+    ("homelab@pve!deploy=wrong", "error: GET /version: HTTP 401 Unauthorized: invalid token value! (the token "
                                  "was refused: check PVE_TOKEN)"),
 ])
 def test_a_missing_or_invalid_token_is_one_line(pve: PveEmulator, site: Path, monkeypatch: pytest.MonkeyPatch,

@@ -113,10 +113,13 @@ def test_bad_parameter_is_400_naming_it(api: ProxmoxAPI) -> None:
 
 def test_missing_or_wrong_token_is_401(pve: PveEmulator) -> None:
     anonymous = requests.get(f"{pve.url}/version", verify=str(pve.ca_file), timeout=5)
-    assert anonymous.status_code == 401
+    assert (anonymous.status_code, anonymous.reason) == (401, "No ticket")
     with pytest.raises(ResourceException) as e:
         ProxmoxAPI(**{**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file)), "token_value": "wrong"}).version.get()
-    assert e.value.status_code == 401
+    assert (e.value.status_code, e.value.content) == (401, "invalid token value!")
+    with pytest.raises(ResourceException) as e:
+        ProxmoxAPI(**{**pve.proxmoxer_kwargs(verify_ssl=str(pve.ca_file)), "token_name": "other"}).version.get()
+    assert e.value.content == "no such token 'other' for user 'homelab@pve'"
 
 
 def test_permission_denied_is_403(api: ProxmoxAPI, pve: PveEmulator) -> None:
@@ -125,7 +128,10 @@ def test_permission_denied_is_403(api: ProxmoxAPI, pve: PveEmulator) -> None:
     assert api.access.permissions.get(path="/vms/100") == {"/vms/100": {"Datastore.Audit": 1, "VM.Audit": 1}}
     with pytest.raises(ResourceException) as e:
         api.nodes("pve").qemu.post(vmid=100)
-    assert e.value.status_code == 403 and e.value.content == "Permission check failed (/vms/100, VM.Allocate)"
+    assert e.value.status_code == 403 and e.value.content == "Permission check failed"  # create_vm: bare
+    with pytest.raises(ResourceException) as e:
+        api.nodes("pve").qemu(100).status.start.post()
+    assert e.value.content == "Permission check failed (/vms/100, VM.PowerMgmt)"  # the schema's check
     with pytest.raises(ResourceException) as e:
         upload(api, "x.qcow2")
     assert e.value.status_code == 403 and "Datastore.AllocateTemplate" in e.value.content
@@ -180,7 +186,10 @@ def test_power_and_guest_agent(api: ProxmoxAPI, pve: PveEmulator) -> None:
     with pytest.raises(ResourceException):
         vm.agent.ping.post()
     assert wait(api, vm.status.shutdown.post())["exitstatus"] == "OK"
-    assert wait(api, vm.status.shutdown.post())["exitstatus"] == "VM 100 not running"
+    assert wait(api, vm.status.shutdown.post())["exitstatus"] == "OK"  # already stopped: vm_stop returns
+    with pytest.raises(ResourceException) as e:
+        vm.status.reboot.post()
+    assert e.value.content == "VM 100 not running"
 
 
 def test_move_disk_to_another_vm(api: ProxmoxAPI) -> None:
@@ -214,6 +223,10 @@ def test_snapshot_rollback_and_delete_vm(api: ProxmoxAPI, pve: PveEmulator) -> N
     assert [s["name"] for s in vm.snapshot.get()] == ["fresh", "current"]
     wait(api, vm.snapshot("fresh").rollback.post())
     assert "memory" not in vm.config.get()
+    assert wait(api, vm.snapshot("nope").delete())["exitstatus"] == "snapshot 'nope' does not exist"
+    with pytest.raises(ResourceException) as e:
+        vm.snapshot.post(snapname="current")
+    assert e.value.content == "unable to use snapshot name 'current' (reserved name)"
     wait(api, vm.status.start.post())
     with pytest.raises(ResourceException) as e:
         vm.delete()
@@ -230,14 +243,21 @@ def test_unknown_path_is_501(api: ProxmoxAPI) -> None:
     assert e.value.status_code == 501 and e.value.content == "Method 'GET /nodes/pve/bogus' not implemented"
 
 
-def test_cdrom_from_an_uploaded_iso_and_missing_volumes(api: ProxmoxAPI) -> None:
+def test_cdrom_from_an_uploaded_iso_and_missing_volumes(api: ProxmoxAPI, pve: PveEmulator) -> None:
     wait(api, upload(api, "debian-13.iso", b"\0" * 2048, content="iso"))
     assert api.nodes("pve").storage("local").content.get(content="iso")[0]["volid"] == "local:iso/debian-13.iso"
     wait(api, api.nodes("pve").qemu.post(vmid=100, ide2="local:iso/debian-13.iso,media=cdrom"))
-    assert api.nodes("pve").qemu(100).config.get()["ide2"] == "local:iso/debian-13.iso,media=cdrom"
+    assert api.nodes("pve").qemu(100).config.get()["ide2"] == "local:iso/debian-13.iso,media=cdrom,size=2K"
     with pytest.raises(ResourceException) as e:
-        api.nodes("pve").qemu.post(vmid=101, scsi0="local-zfs:0,import-from=local:import/missing.qcow2")
-    assert e.value.status_code == 500 and e.value.content == "volume 'local:import/missing.qcow2' does not exist"
+        api.nodes("pve").qemu.post(vmid=101, ide2="local:iso/debian-13.iso")
+    assert e.value.errors == {"ide2": "explicit 'media=cdrom' is required for iso images"}
+    upid = api.nodes("pve").qemu.post(vmid=101, scsi0="local-zfs:0,import-from=local:import/missing.qcow2",
+                                      ide2="local-zfs:cloudinit")
+    assert wait(api, upid)["exitstatus"] == ("unable to create VM 101 - cannot import from "
+                                             "'local:import/missing.qcow2' - could not get size of "
+                                             "local:import/missing.qcow2")
+    assert 101 not in pve.state.vms
+    assert api.nodes("pve").storage("local-zfs").content.get(vmid=101) == []
     with pytest.raises(ResourceException) as e:
         api.nodes("pve").qemu.post(vmid=100)
     assert "already exists" in e.value.content
@@ -335,7 +355,7 @@ def test_config_delete_leaves_unused_disks_and_snapshots_block_nothing_else(api:
     wait(api, vm.config.post(delete="unused0"))
     assert "unused0" not in vm.config.get()
     assert [v["volid"] for v in api.nodes("pve").storage("local-zfs").content.get(vmid=100)] == [
-        "local-zfs:vm-100-disk-0", "local-zfs:vm-100-cloudinit"]
+        "local-zfs:vm-100-cloudinit", "local-zfs:vm-100-disk-0"]
 
 
 def test_move_disk_parameters_and_storage_moves(api: ProxmoxAPI, pve: PveEmulator) -> None:
@@ -371,3 +391,22 @@ def test_unused_disks_move_from_a_running_vm(api: ProxmoxAPI) -> None:
     status = wait(api, upid)
     assert status["exitstatus"] == "OK" and status["id"] == "101-unused0>100-scsi1"
     assert api.nodes("pve").qemu(100).config.get()["scsi1"] == "local-zfs:vm-100-disk-1"
+
+
+def test_config_changes_need_the_privilege_of_each_key(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """update_vm_api: memory needs VM.Config.Memory, an ISO drive VM.Config.CDROM, a disk VM.Config.Disk,
+    ipconfig0 VM.Config.Cloudinit or VM.Config.Network, and `args` is root's alone."""
+    wait(api, upload(api, "debian-13.iso", b"\0" * 2048, content="iso"))
+    wait(api, create_vm(api))
+    tokenid, _ = pve.token
+    pve.state.acl[tokenid] = {"/vms/100": {"VM.Config.CDROM", "VM.Config.Network"},
+                              "/storage": {"Datastore.Audit"}}
+    vm = api.nodes("pve").qemu(100)
+    vm.config.put(ide0="local:iso/debian-13.iso,media=cdrom", ipconfig0="ip=dhcp")
+    for change, missing in (({"memory": 4096}, "VM.Config.Memory"), ({"scsi1": "local-zfs:4"}, "VM.Config.Disk")):
+        with pytest.raises(ResourceException) as e:
+            vm.config.put(**change)
+        assert e.value.content == f"Permission check failed (/vms/100, {missing})"
+    with pytest.raises(ResourceException) as e:
+        vm.config.put(args="-cpu host")
+    assert (e.value.status_code, e.value.content) == (500, "only root can set 'args' config")

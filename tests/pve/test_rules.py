@@ -9,7 +9,7 @@ import pytest
 
 from . import multipart
 from .faults import Fault, Faults
-from .permissions import Forbidden, check_expression, config_privilege
+from .permissions import Forbidden, check_expression
 from .state import PveState
 
 
@@ -50,14 +50,6 @@ def test_acl_most_specific_path_wins() -> None:
     assert state.privileges(tokenid, "/vms/101") == {"VM.Audit"}
     assert state.privileges(tokenid, "/nodes/pve") == {"Sys.Audit"}
     assert state.privileges("nobody@pve!x", "/") == set()
-
-
-def test_config_privileges() -> None:
-    assert config_privilege("scsi0") == "VM.Config.Disk"
-    assert config_privilege("net1") == "VM.Config.Network"
-    assert config_privilege("ipconfig0") == "VM.Config.Cloudinit"
-    assert config_privilege("memory") == "VM.Config.Memory"
-    assert config_privilege("tags") == "VM.Config.Options"
 
 
 def test_faults_fire_once_on_the_nth_match() -> None:

@@ -119,6 +119,14 @@ def test_duplicate_scalar_but_array_repeats(schema: Schema) -> None:
     assert errors(schema, "POST", "/nodes/pve/qemu", vmid=["100", "101"]) == duplicate
 
 
+def test_named_string_formats(schema: Schema) -> None:
+    assert errors(schema, "POST", "/nodes/pve/qemu/100/snapshot", snapname="before upgrade") == {
+        "snapname": "invalid format - invalid configuration ID 'before upgrade'"}
+    assert errors(schema, "POST", "/nodes/pve/qemu", vmid="100", tags="homelab;intranet") == {}
+    assert errors(schema, "POST", "/nodes/pve/qemu", vmid="100", tags="home lab!") == {
+        "tags": "invalid format - invalid tag 'lab!'"}
+
+
 def test_volume_ids_keep_their_slash(schema: Schema) -> None:
     endpoint = schema.resolve("DELETE", "/nodes/pve/storage/local/content/local:iso/debian.iso")
     assert endpoint.path_params["volume"] == "local:iso/debian.iso"
