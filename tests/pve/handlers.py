@@ -141,6 +141,22 @@ def storage_config_one(call: Call) -> Any:
     return {"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)), "digest": "0" * 40}
 
 
+@route("GET", "/nodes/{node}/network")
+def node_network(call: Call) -> Any:
+    """pve-manager's network index: the node's interfaces, filtered by `type` (`any_bridge` = Linux and OVS
+    bridges). The emulated node has its `bridges` and one physical NIC."""
+    _ = call.node
+    interfaces = [{"iface": "eno1", "type": "eth", "active": 1, "autostart": 1, "families": ["inet"]}]
+    interfaces += [{"iface": b, "type": "bridge", "active": 1, "autostart": 1, "families": ["inet"],
+                    "bridge_ports": "eno1"} for b in sorted(call.state.bridges)]
+    kind = call.params.get("type")
+    if kind in (None, "any_local_bridge"):
+        wanted = {"eth", "bridge"} if kind is None else {"bridge"}
+    else:
+        wanted = {"bridge", "OVSBridge"} if kind == "any_bridge" else {kind}
+    return [i for i in interfaces if i["type"] in wanted]
+
+
 @route("GET", "/nodes/{node}/storage")
 def node_storages(call: Call) -> Any:
     _ = call.node

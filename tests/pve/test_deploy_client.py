@@ -11,7 +11,6 @@ import logging
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -22,23 +21,11 @@ from builder.errors import ProxmoxError, ProxmoxTaskError
 from builder.proxmox import Pve, Target, Token
 
 from .emulator import PveEmulator
-from .handlers import ROUTES, Call
 from .state import Vm
 
 GiB = 1024**3
 
 
-def _network(call: Call) -> Any:
-    """The emulator has no GET /nodes/{node}/network yet; until it does, this answers from its `bridges`."""
-    _ = call.node
-    kind = call.params.get("type")
-    if kind not in (None, "any_bridge", "bridge"):
-        return []
-    return [{"iface": b, "type": "bridge", "active": 1, "autostart": 1, "families": ["inet"]}
-            for b in sorted(call.state.bridges)]
-
-
-ROUTES.setdefault(("GET", "/nodes/{node}/network"), _network)
 
 
 @pytest.fixture(autouse=True)
