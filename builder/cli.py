@@ -219,3 +219,41 @@ def lock_cmd(state: State, role: str, registries_conf: str | None, no_tls_verify
         return skopeo_inspect(image, registries_conf=_path(registries_conf), tls_verify=tls_verify)
 
     click.echo(lock_role(state.settings.project, role, inspect))
+
+
+# --- Proxmox VE ----------------------------------------------------------------------------------------
+
+
+@main.command("preflight")
+@click.argument("role", required=False)
+@site_option
+@click.option("--insecure", is_flag=True, help="Do not check the API's TLS certificate at all.")
+@click.pass_obj
+@handle_errors
+def preflight_cmd(state: State, role: str | None, site: str | None, insecure: bool) -> None:
+    """Check the Proxmox VE host is ready to deploy ROLE (default: every role of the site). Read-only.
+
+    The API token comes from $PVE_TOKEN (user@realm!tokenid=secret).
+    """
+    from .preflight import failed, run_preflight
+
+    checks = run_preflight(state.settings.site_path(_path(site)), role, insecure=insecure)
+    for check in checks:
+        click.echo(check.line())
+    if failed(checks):
+        sys.exit(1)
+
+
+@main.command("token-role")
+@site_option
+@click.option("--token", "tokenid", default="homelab@pve!deploy", show_default=True,
+              help="The token's ID, user@realm!tokenid.")
+@click.pass_obj
+@handle_errors
+def token_role_cmd(state: State, site: str | None, tokenid: str) -> None:
+    """Print the least-privilege roles the deploy needs and the pveum commands creating the token."""
+    from .proxmox import token_role
+    from .site import load_site
+
+    section = load_site(state.settings.site_path(_path(site))).proxmox()
+    click.echo(token_role(section, tokenid).describe())

@@ -52,3 +52,11 @@ class VerifyError(HomelabError):
 
 class LockError(HomelabError):
     """An image tag could not be resolved to digests (the registry refused, or answered without them)."""
+
+
+class ProxmoxError(HomelabError):
+    """The Proxmox VE API refused or failed a call, or cannot be reached (names the call or the URL)."""
+
+
+class ProxmoxTaskError(ProxmoxError):
+    """A Proxmox VE task (an upload, a VM creation) ended in error or did not end in time; carries the log tail."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -194,10 +195,75 @@ class SecretValue(Str):
         return text
 
 
+class ProxmoxUrl(Kind):
+    """https://host[:port] of the Proxmox VE API; stored with its port (8006 unless given), no path."""
+
+    describe = "an https URL like https://pve.home.arpa:8006"
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        if not isinstance(value, str):
+            raise self.fail(value, keypath, doc)
+        try:
+            url = urllib.parse.urlsplit(value)
+            port = url.port or PVE_PORT
+        except ValueError:
+            raise self.fail(value, keypath, doc) from None
+        # Plain HTTP would send the token in clear; a path would be silently dropped by proxmoxer.
+        if url.scheme != "https" or not url.hostname or url.path.strip("/") or url.query or url.username:
+            raise self.fail(value, keypath, doc)
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"https://{host}:{port}"
+
+
+class Fingerprint(Str):
+    """A certificate's SHA-256 fingerprint as `pvenode cert info` prints it; stored upper case."""
+
+    def __init__(self) -> None:
+        super().__init__(pattern=r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}",
+                         what="a SHA-256 fingerprint AA:BB:... (32 hex pairs, as pvenode cert info prints it)")
+
+    def check(self, value: Any, keypath: KeyPath, doc: Located) -> str:
+        return super().check(value, keypath, doc).upper()
+
+
+PVE_PORT = 8006
+# Proxmox VE's own ID formats: pve-storage-id, pve-node, pve-iface (a bridge name).
+PVE_ID = r"[a-z][a-z0-9\-_.]*[a-z0-9]"
+STORAGE_FIELDS = [
+    Field("import", Str(pattern=PVE_ID, what="a storage ID"),
+          "Storage the images are uploaded to (content type import, a directory storage).", default="local"),
+    Field("images", Str(pattern=PVE_ID, what="a storage ID"),
+          "Storage of the VMs' disks (content type images, e.g. ZFS).", default="local-zfs"),
+    Field("iso", Str(pattern=PVE_ID, what="a storage ID"),
+          "Storage of the cloud-init seed ISOs (content type iso).", default="local"),
+]
+TLS_FIELDS = [
+    Field("fingerprint", Fingerprint(),
+          "Pin the API's certificate by its SHA-256 fingerprint instead of checking it against the system CAs "
+          "(PVE's self-signed certificate)."),
+    Field("insecure", Bool(), "Do not check the certificate at all (only when set to true explicitly).",
+          default=False),
+]
+PROXMOX_FIELDS = [
+    Field("url", ProxmoxUrl(), "The API, https://host[:port] (port 8006 by default).", required=True),
+    Field("node", Str(pattern=PVE_ID, what="a node name"), "The node the VMs run on.", required=True),
+    Field("storages", Record(STORAGE_FIELDS, "a storages mapping"), "Storage IDs by use (import, images, iso).",
+          default=lambda: {f.name: f.default for f in STORAGE_FIELDS}),
+    Field("bridge", Str(pattern=r"[a-zA-Z][a-zA-Z0-9_.-]{0,14}", what="a bridge name like vmbr0"),
+          "Bridge the VMs' NIC is on.", default="vmbr0"),
+    Field("tls", Record(TLS_FIELDS, "a tls mapping"),
+          "How the API's certificate is checked: system CAs by default, tls.fingerprint pins it.",
+          default=lambda: {f.name: f.default for f in TLS_FIELDS}),
+]
+
 HOST_FIELDS = [
     Field("hostname", Str(pattern=LABEL, what="a lowercase host name (one DNS label)"), "Host name (no domain).",
           required=True),
     Field("address", IPv4Interface(), "Static address with prefix; booting never waits for DHCP.", required=True),
+    # Deploy facts: where the role's VM lives on Proxmox VE (needed by preflight and deploy, not by boot).
+    Field("vmid", Int(100, 999999999), "Proxmox VE VMID of the role's VM (deploy)."),
+    Field("name", Str(pattern=LABEL, what="a VM name (one DNS label)"),
+          "Proxmox VE name of the role's VM (deploy); default the hostname."),
 ]
 
 # proxy_hosts[]: one public name of the DMZ proxy (Nginx Proxy Manager), applied through NPM's API at boot
@@ -241,6 +307,8 @@ SITE_FIELDS = [
           default=dict),
     Field("proxy_hosts", ListOf(Record(PROXY_HOST_FIELDS, "a proxy host mapping"), unique=False),
           "Public names of the DMZ's Nginx Proxy Manager, applied through its API at every boot.", default=list),
+    Field("proxmox", Record(PROXMOX_FIELDS, "a proxmox mapping"),
+          "The Proxmox VE host deploys go to (the API token comes from $PVE_TOKEN, never from this file)."),
 ]
 
 @dataclass(frozen=True)
@@ -248,6 +316,8 @@ class SiteHost:
     role: str
     hostname: str
     address: str  # CIDR interface, e.g. 192.168.1.101/24
+    vmid: int | None = None  # Proxmox VE VMID; only deploys need it
+    name: str = ""  # Proxmox VE VM name (the hostname unless the site says otherwise)
 
 
 @dataclass(frozen=True)
@@ -277,15 +347,32 @@ class Site:
     def fqdn(self, role: str) -> str:
         return f"{self.host(role).hostname}.{self.domain}"
 
+    def proxmox(self) -> dict[str, Any]:
+        """The proxmox section (url, node, storages, bridge, tls); an error naming the file when absent."""
+        section: dict[str, Any] | None = self.values.get("proxmox")
+        if section is None:
+            raise DefinitionError(f"site file {self.path} has no proxmox section (see site.example.yaml)")
+        return section
+
+    def deploy_host(self, role: str) -> SiteHost:
+        """The role's host with the deploy facts a Proxmox VE VM needs (vmid)."""
+        host = self.host(role)
+        if host.vmid is None:
+            raise DefinitionError(f"site file {self.path} has no hosts.{role}.vmid (the role's Proxmox VE VMID)")
+        return host
+
 
 def load_site(path: Path) -> Site:
     doc = load_located(path)
     if not isinstance(doc.data, dict):
         raise DefinitionError(f"{path}: expected a mapping of site keys at the top level")
+    _refuse_token_in_file(doc)
     values = check_mapping(doc.data, SITE_FIELDS, (), doc)
     _check_hosts(values, doc)
     _check_proxy_hosts(values, doc)
-    hosts = {role: SiteHost(role, h["hostname"], h["address"]) for role, h in values["hosts"].items()}
+    _check_proxmox(values, doc)
+    hosts = {role: SiteHost(role, h["hostname"], h["address"], h["vmid"], h["name"])
+             for role, h in values["hosts"].items()}
     return Site(
         path=path,
         domain=values["domain"],
@@ -306,13 +393,17 @@ def _check_hosts(values: dict[str, Any], doc: Located) -> None:
     gateway = ipaddress.IPv4Address(values["gateway"])
     seen: dict[str, str] = {}
     for role, host in values["hosts"].items():
+        host["name"] = host["name"] or host["hostname"]
         iface = ipaddress.IPv4Interface(host["address"])
         where = doc.where(("hosts", role, "address"))
         if gateway not in iface.network:
             raise DefinitionError(f"{where}: hosts.{role}.address: gateway {gateway} is not in {iface.network}")
         if iface.ip == gateway:
             raise DefinitionError(f"{where}: hosts.{role}.address: {iface.ip} is the gateway's address")
-        for key, marker in (("hostname", host["hostname"]), ("address", str(iface.ip))):
+        markers = [("hostname", host["hostname"]), ("address", str(iface.ip)), ("name", f"vm {host['name']}")]
+        if host["vmid"] is not None:
+            markers.append(("vmid", f"vmid {host['vmid']}"))
+        for key, marker in markers:
             if marker in seen:
                 raise DefinitionError(
                     f"{doc.where(('hosts', role, key))}: hosts.{role}.{key}: {marker!r} is also {seen[marker]}"
@@ -337,6 +428,27 @@ def _check_proxy_hosts(values: dict[str, Any], doc: Located) -> None:
         if entry["domain"] in seen:
             raise fail("domain", f"{entry['domain']!r} is also proxy_hosts[{seen[entry['domain']]}].domain")
         seen[entry["domain"]] = i
+
+
+def _refuse_token_in_file(doc: Located) -> None:
+    """A token pasted into the site file (which people share and back up) gets a pointer to $PVE_TOKEN."""
+    section = doc.data.get("proxmox")
+    for key in ("token", "password", "secret"):
+        if isinstance(section, dict) and key in section:
+            raise DefinitionError(
+                f"{doc.where(('proxmox', key))}: proxmox.{key}: credentials never go in the site file: "
+                "set PVE_TOKEN=user@realm!tokenid=secret in the environment"
+            )
+
+
+def _check_proxmox(values: dict[str, Any], doc: Located) -> None:
+    """A pinned fingerprint and insecure contradict each other: refuse rather than guess which was meant."""
+    tls = (values.get("proxmox") or {}).get("tls") or {}
+    if tls.get("fingerprint") and tls.get("insecure"):
+        raise DefinitionError(
+            f"{doc.where(('proxmox', 'tls', 'insecure'))}: proxmox.tls.insecure: cannot be true with a pinned "
+            "proxmox.tls.fingerprint (the fingerprint already trusts that certificate)"
+        )
 
 
 def load_secrets(path: Path | None) -> dict[str, dict[str, str]]:

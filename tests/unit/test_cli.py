@@ -262,3 +262,38 @@ def test_fields_lists_every_key_with_nested_ones_dotted() -> None:
 
 def test_the_project_is_the_checkout_by_default() -> None:
     assert load_settings().project == PROJECT
+
+
+# --- Proxmox VE ----------------------------------------------------------------------------------------
+
+PVE_SITE = FIXTURES / "site" / "site-proxmox-defaults.yaml"
+
+
+def test_preflight_without_a_token_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PVE_TOKEN", raising=False)
+    result = invoke("preflight", "--site", str(PVE_SITE))
+    assert result.exit_code == 1
+    assert result.output == ("error: PVE_TOKEN is not set: export PVE_TOKEN=user@realm!tokenid=secret (see "
+                             "`homelab token-role` for creating one)\n")
+
+
+def test_preflight_without_a_proxmox_section_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PVE_TOKEN", "homelab@pve!deploy=secret")
+    result = invoke("preflight", "intranet", "--site", str(SITE))
+    assert result.exit_code == 1
+    assert result.output.startswith("error: site file ") and "has no proxmox section" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_preflight_of_an_unknown_role_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PVE_TOKEN", "homelab@pve!deploy=secret")
+    result = invoke("preflight", "backup", "--site", str(PVE_SITE))
+    assert result.exit_code == 1 and "has no hosts.backup" in result.output
+
+
+def test_token_role_prints_the_role_and_commands() -> None:
+    result = invoke("token-role", "--site", str(PVE_SITE), "--token", "deploy@pve!swap")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "pveum user token add deploy@pve swap --privsep 1" in "\n".join(lines)
+    assert "pveum acl modify /storage/local-zfs --roles Homelab-storage-local-zfs --tokens 'deploy@pve!swap'" in lines
