@@ -5,7 +5,8 @@ set -eu
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 # fail2ban is here for the host tests of the extranet's jails (fail2ban-regex, fail2ban's own action code); a fresh
-# install is left disabled, so that this machine never starts banning because of them.
+# install is left disabled, so that this machine never starts banning because of them. restic and PostgreSQL
+# (the backup script's host test), openvpn and openssl (the VPN's host test with a throwaway PKI) likewise.
 had_fail2ban=$(dpkg-query -W -f '${Status}' fail2ban 2>/dev/null || true)
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
@@ -14,7 +15,7 @@ apt-get install -y -q --no-install-recommends \
     debootstrap sudo kpartx gdisk dosfstools e2fsprogs squashfs-tools util-linux \
     curl ca-certificates xz-utils openssh-client procps \
     skopeo docker-registry busybox-static \
-    fail2ban nftables iproute2 restic postgresql
+    fail2ban nftables iproute2 restic postgresql openvpn openssl
 case "$had_fail2ban" in
     *"ok installed"*) ;;
     *) systemctl disable --now fail2ban.service 2>/dev/null || true ;;
