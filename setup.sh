@@ -6,7 +6,8 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 # fail2ban is here for the host tests of the extranet's jails (fail2ban-regex, fail2ban's own action code); a fresh
 # install is left disabled, so that this machine never starts banning because of them. restic and PostgreSQL
-# (the backup script's host test), openvpn and openssl (the VPN's host test with a throwaway PKI) likewise.
+# (the backup script's host test), openvpn and openssl (the VPN's host test with a throwaway PKI) are
+# there for host tests too.
 had_fail2ban=$(dpkg-query -W -f '${Status}' fail2ban 2>/dev/null || true)
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
