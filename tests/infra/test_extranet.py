@@ -51,7 +51,23 @@ def test_fail2ban_runs_both_jails(host: Host) -> None:
 def test_npm_jail_reads_npm_logs_on_the_logs_volume(host: Host) -> None:
     status = host.check_output("sudo fail2ban-client status npm")
     assert "/srv/logs/npm/fallback_http_access.log" in status, status
-    assert host.service("homelab-fail2ban-npm.path").is_running
+    timer = host.service("homelab-fail2ban-npm.timer")
+    assert timer.is_enabled and timer.is_running
+
+
+def test_a_new_proxy_host_log_is_picked_up_by_the_npm_jail(host: Host) -> None:
+    # What the timer runs: a proxy host NPM creates later gets its log read without a reboot.
+    log = "/srv/logs/npm/proxy-host-999_access.log"
+    try:
+        host.check_output(f"sudo touch {log}")
+        out = host.check_output("sudo /usr/local/libexec/homelab/fail2ban-npm-logs")
+        assert "reloading the npm jail" in out, out
+        assert log in host.check_output("sudo fail2ban-client get npm logpath")
+        # Nothing new the second time: no reload.
+        assert host.check_output("sudo /usr/local/libexec/homelab/fail2ban-npm-logs") == ""
+    finally:
+        host.run(f"sudo rm -f {log}")
+        host.run("sudo fail2ban-client reload npm")
 
 
 def test_jails_ban_with_the_homelab_action(host: Host) -> None:
