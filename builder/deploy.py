@@ -779,7 +779,7 @@ class _Runner:
         if "green_started" not in self.entry["marks"]:
             return {"vmid": vmid, "restored": False, "why": "never started with the data"}
         if name not in self.provider.snapshots(vmid):
-            if self.entry.get("rolled", {}).get("restore-snapshot") is None and "snapshot-data" in self.entry["done"]:
+            if "snapshot-data" in self.entry["done"]:
                 raise DeployError(f"snapshot {name} of VM {vmid} is gone: the data cannot be restored")
             return {"vmid": vmid, "restored": False, "why": "no snapshot"}
         return {"restored": True, **self.provider.rollback_snapshot(vmid, name)}
