@@ -604,18 +604,21 @@ class _Runner:
             try:
                 self._steps(self.plan.steps, "done")
             except HomelabError as exc:
+                failed = self._failed_step()
+                self.entry["error"] = f"{failed}: {exc}"
+                self.journal.save()
                 if not self.plan.cleanup and not self.plan.rollback:
-                    raise DeployError(f"deploy {self.plan.deploy_id} failed: {exc} (rerun to resume)") from None
+                    raise DeployError(f"deploy {self.plan.deploy_id} failed at {failed}: {exc} (rerun to resume)"
+                                      ) from None
                 names = [s.name for s in self.plan.steps]
-                if "health-gate" in names and names.index(self._failed_step()) > names.index("health-gate"):
+                if "health-gate" in names and failed in names and names.index(failed) > names.index("health-gate"):
                     # Green passed its health gate and serves: what is left (snapshot, tags, pruning) is retried
                     # by the rerun, never rolled back.
                     raise DeployError(f"deploy {self.plan.deploy_id}: VM {self.plan.vmid} serves, but "
-                                      f"{self._failed_step()} failed: {exc} (rerun to finish)") from None
+                                      f"{failed} failed: {exc} (rerun to finish)") from None
                 cut = names.index(self.plan.cutover)
                 started_cutover = any(s.name in self.entry["done"] for s in self.plan.steps[cut:]) or \
-                    self._failed_step() in [s.name for s in self.plan.steps[cut:]]
-                self.entry["error"] = f"{self._failed_step()}: {exc}"
+                    failed in names[cut:]
                 self.entry["phase"] = "rollback" if started_cutover else "cleanup"
                 self.journal.save()
                 phase = self.entry["phase"]
