@@ -111,6 +111,7 @@ class Provider(Protocol):
     def vms(self) -> list[VmInfo]: ...
     def volume_exists(self, volid: str) -> bool: ...
     def owned_volumes(self, vmid: int) -> list[str]: ...
+    def mappings(self) -> set[str]: ...  # the directory mappings shares can use
     def upload_image(self, path: Path, sha256: str) -> dict[str, Any]: ...
     def upload_seed(self, path: Path, sha256: str) -> dict[str, Any]: ...
     def create_vm(self, spec: VmSpec) -> dict[str, Any]: ...
@@ -339,6 +340,13 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     failures = provider.preflight(role)
     if failures:
         raise DeployError("preflight failed: " + "; ".join(failures))
+    shares = [v for v in volumes if v.kind == "share"]
+    known = provider.mappings() if shares else set()
+    for volume in shares:
+        if volume.mapping not in known:
+            raise DeployError(f"data volume {volume.name}: directory mapping {volume.mapping} does not exist (or the "
+                              f"token may not use it): add it under Datacenter > Directory Mappings, or fix "
+                              f"hosts.{role}.volumes.{volume.name}.mapping")
     live = live_vm(provider, role)
     if swap:
         if live is None:

@@ -510,6 +510,8 @@ DEPLOY_CALLS: tuple[ApiCall, ...] = (
                      ("/mapping/dir", "Mapping.Use"))),
     ApiCall("GET", "/nodes/{node}/storage/{storage}/content", "data volumes exist; a VM's own volumes before "
             "it is destroyed", storage="images", pick=("Datastore.Audit",)),
+    ApiCall("GET", "/cluster/mapping/dir", "the shares' directory mappings exist (lists those we may use)",
+            described=(("/mapping/dir", "Mapping.Use"),)),
     ApiCall("PUT", "/nodes/{node}/qemu/{vmid}/config", "swap: NIC link and MAC, tags, virtiofs shares handed over",
             pick=("VM.Config.Disk", "VM.Config.Network", "VM.Config.Options"),
             # check_dir_perm for a virtiofs share attached to the new VM.

@@ -81,6 +81,9 @@ class ProxmoxProvider:
         entries = self.pve.get(f"/nodes/{self.node}/storage/{storage}/content", content="images", vmid=vmid)
         return sorted(str(e["volid"]) for e in entries)
 
+    def mappings(self) -> set[str]:
+        return {str(m["id"]) for m in self.pve.get("/cluster/mapping/dir")}
+
     def snapshots(self, vmid: int) -> list[str]:
         return [str(s["name"]) for s in self.pve.get(f"{self._qemu(vmid)}/snapshot") if s.get("name") != "current"]
 

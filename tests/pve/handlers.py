@@ -101,6 +101,14 @@ def storage_resource(storage: Storage, node: str) -> dict[str, Any]:
     }
 
 
+@route("GET", "/cluster/mapping/dir")
+def dir_mappings(call: Call) -> Any:
+    """pve-manager's API2::Cluster::Mapping::Dir index: only mappings the token may modify, use or audit."""
+    return [{"id": ident, "description": "", "map": [f"node={call.state.nodes[0]},path={path}"]}
+            for ident, path in sorted(call.state.dir_mappings.items())
+            if call.privileges(f"/mapping/dir/{ident}") & {"Mapping.Modify", "Mapping.Use", "Mapping.Audit"}]
+
+
 @route("GET", "/access/permissions")
 def permissions(call: Call) -> Any:
     """The token's effective privileges per path ({path: {priv: 1}}), or for `path` only."""

@@ -172,6 +172,8 @@ class PveState:
     # API tokens: "user@realm!tokenid" -> secret. ACL: token -> {path: privileges} (propagating).
     tokens: dict[str, str] = field(default_factory=lambda: {"homelab@pve!deploy": DEFAULT_SECRET})
     acl: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    # Directory mappings (Datacenter > Directory Mappings): id -> this node's path (what virtiofs shares).
+    dir_mappings: dict[str, str] = field(default_factory=dict)
     task_polls: int = 1  # status reads a task stays "running"
     # The guest agent a newly created VM gets (its scripted answers), from the new VM; default: Agent().
     agent_for: Callable[[Vm], Agent] | None = None

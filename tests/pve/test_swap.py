@@ -165,6 +165,7 @@ def env(pve: PveEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> En
     guests = Guests()
     pve.state.agent_for = guests.agent
     pve.state.add_volume(Volume(DISK, "images", "raw", 20 * GiB, vmid=101))
+    pve.state.dir_mappings.update({name: f"/tank/{name}" for name in SHARES})
     return Env(pve, load_settings(), load_site(path), guests)
 
 
@@ -471,6 +472,15 @@ def test_a_missing_data_volume_is_one_line(env: Env) -> None:
     text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
     assert text == (f"error: data volume postgres: {DISK} does not exist (hosts.intranet.volumes.postgres.volid): "
                     "create it (zfs create -V) or fix the site file")
+    assert writes(env.pve) == []
+
+
+def test_a_missing_directory_mapping_is_one_line(env: Env) -> None:
+    env.build()
+    del env.pve.state.dir_mappings["photos"]
+    text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
+    assert text == ("error: data volume photos: directory mapping photos does not exist (or the token may not use "
+                    "it): add it under Datacenter > Directory Mappings, or fix hosts.intranet.volumes.photos.mapping")
     assert writes(env.pve) == []
 
 
