@@ -391,9 +391,14 @@ def check_new_config(call: Call, vmid: int, config: dict[str, str], storage: str
     qemu.add_random_macs(config)
 
 
-def drop_volumes(state: PveState, vmid: int) -> None:
+def drop_volumes(state: PveState, vm: Vm, unreferenced: bool = False) -> None:
+    """destroy_vm: every volume the config or a snapshot references (drives, unusedN) that the VM owns (a volume
+    of another VMID stays); with destroy-unreferenced-disks, also every other volume named after the VMID."""
+    configs = [vm.config, *(snap.config for snap in vm.snapshots.values())]
+    referenced = {drive_file(value) for config in configs for key, value in config.items() if qemu.is_disk_key(key)}
     for storage in state.storages.values():
-        for volid in [v for v, vol in storage.volumes.items() if vol.vmid == vmid]:
+        for volid in [v for v, vol in storage.volumes.items()
+                      if vol.vmid == vm.vmid and (unreferenced or v in referenced)]:
             del storage.volumes[volid]
 
 
@@ -479,11 +484,11 @@ def pending(call: Call) -> Any:
 
 @route("DELETE", "/nodes/{node}/qemu/{vmid}")
 def destroy_vm(call: Call) -> Any:
-    """qemu-server destroy_vm: refused while running; frees the VM's volumes (task qmdestroy)."""
+    """qemu-server destroy_vm: refused while running; frees the VM's own volumes (task qmdestroy)."""
     vm = call.vm
     if vm.status == "running":
         raise ApiError(500, f"VM {vm.vmid} is running - destroy failed")
-    drop_volumes(call.state, vm.vmid)
+    drop_volumes(call.state, vm, boolean(call.params.get("destroy-unreferenced-disks")))
     del call.state.vms[vm.vmid]
     return call.task("qmdestroy", vm.vmid)
 
