@@ -101,6 +101,14 @@ def storage_resource(storage: Storage, node: str) -> dict[str, Any]:
     }
 
 
+@route("GET", "/cluster/mapping/dir")
+def dir_mappings(call: Call) -> Any:
+    """pve-manager's API2::Cluster::Mapping::Dir index: only mappings the token may modify, use or audit."""
+    return [{"id": ident, "description": "", "map": [f"node={call.state.nodes[0]},path={path}"]}
+            for ident, path in sorted(call.state.dir_mappings.items())
+            if call.privileges(f"/mapping/dir/{ident}") & {"Mapping.Modify", "Mapping.Use", "Mapping.Audit"}]
+
+
 @route("GET", "/access/permissions")
 def permissions(call: Call) -> Any:
     """The token's effective privileges per path ({path: {priv: 1}}), or for `path` only."""
@@ -359,6 +367,8 @@ def create_vm(call: Call) -> Any:
     except WorkerFailure as e:
         return call.task("qmcreate", vmid, error=f"unable to create VM {vmid} - {e}")
     vm.config = qemu.new_vm_config(config, disks)
+    if call.state.agent_for is not None:
+        vm.agent = call.state.agent_for(vm)
     call.state.vms[vmid] = vm
     log = [f"{k}: successfully created disk '{v}'" for k, v in disks.items()]
     if boolean(call.params.get("start")):
@@ -381,9 +391,14 @@ def check_new_config(call: Call, vmid: int, config: dict[str, str], storage: str
     qemu.add_random_macs(config)
 
 
-def drop_volumes(state: PveState, vmid: int) -> None:
+def drop_volumes(state: PveState, vm: Vm, unreferenced: bool = False) -> None:
+    """destroy_vm: every volume the config or a snapshot references (drives, unusedN) that the VM owns (a volume
+    of another VMID stays); with destroy-unreferenced-disks, also every other volume named after the VMID."""
+    configs = [vm.config, *(snap.config for snap in vm.snapshots.values())]
+    referenced = {drive_file(value) for config in configs for key, value in config.items() if qemu.is_disk_key(key)}
     for storage in state.storages.values():
-        for volid in [v for v, vol in storage.volumes.items() if vol.vmid == vmid]:
+        for volid in [v for v, vol in storage.volumes.items()
+                      if vol.vmid == vm.vmid and (unreferenced or v in referenced)]:
             del storage.volumes[volid]
 
 
@@ -469,11 +484,11 @@ def pending(call: Call) -> Any:
 
 @route("DELETE", "/nodes/{node}/qemu/{vmid}")
 def destroy_vm(call: Call) -> Any:
-    """qemu-server destroy_vm: refused while running; frees the VM's volumes (task qmdestroy)."""
+    """qemu-server destroy_vm: refused while running; frees the VM's own volumes (task qmdestroy)."""
     vm = call.vm
     if vm.status == "running":
         raise ApiError(500, f"VM {vm.vmid} is running - destroy failed")
-    drop_volumes(call.state, vm.vmid)
+    drop_volumes(call.state, vm, boolean(call.params.get("destroy-unreferenced-disks")))
     del call.state.vms[vm.vmid]
     return call.task("qmdestroy", vm.vmid)
 

@@ -10,7 +10,7 @@ import requests
 from proxmoxer import ProxmoxAPI, ResourceException
 
 from .emulator import PveEmulator
-from .state import ExecResult
+from .state import ExecResult, GiB, Volume
 
 QCOW2 = b"QFI\xfb" + b"\0" * 20 + (2 * 1024**3).to_bytes(8, "big") + b"\0" * 64  # header: 2 GiB virtual size
 
@@ -235,6 +235,20 @@ def test_snapshot_rollback_and_delete_vm(api: ProxmoxAPI, pve: PveEmulator) -> N
     wait(api, vm.delete())
     assert api.nodes("pve").storage("local-zfs").content.get() == []
     assert 100 not in pve.state.vms
+
+
+def test_destroy_frees_only_owned_volumes_the_config_references(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """qemu-server's destroy_vm: referenced volumes of this VMID go; another VM's volume attached here and (without
+    destroy-unreferenced-disks) a volume merely named after the VMID stay."""
+    stray = pve.state.add_volume(Volume("local-zfs:vm-100-disk-7", "images", "raw", GiB, vmid=100))
+    other = pve.state.add_volume(Volume("local-zfs:vm-300-disk-0", "images", "raw", GiB, vmid=300))
+    wait(api, create_vm(api, scsi1=other.volid))
+    wait(api, api.nodes("pve").qemu(100).delete())
+    assert {v["volid"] for v in api.nodes("pve").storage("local-zfs").content.get()} == {stray.volid, other.volid}
+    wait(api, create_vm(api, 101))
+    pve.state.add_volume(Volume("local-zfs:vm-101-disk-7", "images", "raw", GiB, vmid=101))
+    wait(api, api.nodes("pve").qemu(101).delete(**{"destroy-unreferenced-disks": 1}))
+    assert {v["volid"] for v in api.nodes("pve").storage("local-zfs").content.get()} == {stray.volid, other.volid}
 
 
 def test_unknown_path_is_501(api: ProxmoxAPI) -> None:
