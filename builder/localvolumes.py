@@ -11,21 +11,15 @@ definition, baked by the build as /etc/homelab/volumes.json, at its mount point 
   the virtiofs tag <name>. On Proxmox VE the tag is the directory mapping's ID (the site's
   hosts.<role>.volumes.<name>.mapping); cloud-init then writes /etc/homelab/volume-tags.json {name: tag}.
 
-Snapshots (before a swap hands the volumes over; restored by a rollback):
-- disks: qcow2 internal snapshots (`qemu-img snapshot -c/-a/-d`), taken while no QEMU has the file open. The file
-  keeps its path, the VM's command line never changes, a restore is in place and the chain never grows: the
-  same shape as the ZFS snapshot and rollback of a zvol on Proxmox VE. A backing-file (overlay) snapshot would
-  move the live data to a new file at every swap and need the chain to be kept, flattened and pointed at.
-  Only the last KEEP_SNAPSHOTS are kept.
-- shares: a copy (`cp -a --reflink=auto`, a clone where the host file system can) under
-  build/<role>/volumes/.snapshots/<snapshot>/<name>; read-only shares are not copied (no VM writes them).
-  A restore moves the current directory aside to .rolled-back/<snapshot>/<name> (never deleted by the tool)
-  and copies the snapshot back.
+Snapshots (the swap snapshots the disks green is about to run with; a rollback restores them): qcow2 internal
+snapshots (`qemu-img snapshot -c/-a/-d`), taken while no QEMU has the file open. The file keeps its path, the VM's
+command line never changes, a restore is in place and no chain grows: the shape of a ZFS snapshot and rollback of a
+zvol on Proxmox VE. A backing-file (overlay) snapshot would move the live data to a new file at every swap, and the
+chain would have to be tracked, pointed at and flattened. Shares are not snapshotted by a swap (as on Proxmox VE,
+where a directory mapping has no snapshot call): the backups cover them.
 
-Share lock: build/<role>/volumes/<name>.lock names the VM holding a share (its guest mounts it) and at most one
-standby VM (the green side of a swap: booted with the share's virtiofs device because vhost-user-fs cannot be
-hot-plugged reliably, but its guest does not mount it while /etc/homelab/volumes.hold exists). A second VM
-holding, or a second standby, is refused while the named VM's QEMU runs.
+Share lock: build/<role>/volumes/<name>.lock names the VM holding a share (its virtiofsd runs, its guest mounts
+it). A second VM is refused while the holder's QEMU runs; a dead holder's entry is stale and replaced.
 """
 
 from __future__ import annotations
@@ -46,15 +40,12 @@ from .settings import Settings
 
 VOLUMES_DEST = "/etc/homelab/volumes.json"
 # cloud-init markers (written through render_seed's extra_files):
-HOLD_PATH = "/etc/homelab/volumes.hold"  # the standby side of a swap: no mounts, no stack until cutover
 EPHEMERAL_PATH = "/etc/homelab/volumes.ephemeral"  # `homelab boot` without volumes: mount nothing
 TAGS_PATH = "/etc/homelab/volume-tags.json"  # share name -> virtiofs tag when they differ (Proxmox VE)
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # Debian 12's QEMU 7.2 ships the C virtiofsd here
 LOCAL_DISK_SIZE = "32G"  # sparse: a qcow2 takes only what the guest writes
 SNAPSHOT_PREFIX = "homelab-"
 KEEP_SNAPSHOTS = 3
-SNAPSHOTS_DIR = ".snapshots"
-ROLLED_BACK_DIR = ".rolled-back"
 
 
 class ShareBusyError(HomelabError):
@@ -85,7 +76,6 @@ def marker_file(path: str, why: str) -> dict[str, str]:
     return {"path": path, "permissions": "0644", "content": why + "\n"}
 
 
-HOLD_FILE = marker_file(HOLD_PATH, "standby side of a swap: the serving VM holds the data volumes until cutover")
 EPHEMERAL_FILE = marker_file(EPHEMERAL_PATH, "local boot without data volumes (homelab boot)")
 
 
@@ -106,14 +96,6 @@ def share_path(settings: Settings, role: str, name: str) -> Path:
 
 def lock_path(settings: Settings, role: str, name: str) -> Path:
     return volumes_dir(settings, role) / f"{name}.lock"
-
-
-def snapshot_share_path(settings: Settings, role: str, snapshot: str, name: str) -> Path:
-    return volumes_dir(settings, role) / SNAPSHOTS_DIR / snapshot / name
-
-
-def rolled_back_path(settings: Settings, role: str, snapshot: str, name: str) -> Path:
-    return volumes_dir(settings, role) / ROLLED_BACK_DIR / snapshot / name
 
 
 # --- commands (pure) --------------------------------------------------------------------------------------------
@@ -144,10 +126,6 @@ def snapshot_names(info: dict[str, Any]) -> list[str]:
     """The tool's snapshots in a `qemu-img info --output=json`, oldest first."""
     snaps = sorted(info.get("snapshots", []), key=lambda s: (s.get("date-sec", 0), s.get("date-nsec", 0)))
     return [s["name"] for s in snaps if str(s.get("name", "")).startswith(SNAPSHOT_PREFIX)]
-
-
-def share_copy_argv(source: Path, dest: Path) -> list[str]:
-    return ["cp", "-a", "--reflink=auto", "--", str(source), str(dest)]
 
 
 def virtiofsd_argv(socket: Path, source: Path) -> list[str]:
@@ -228,45 +206,29 @@ def ensure_volumes(settings: Settings, role: str, volumes: Sequence[Volume]) -> 
     return made
 
 
-def snapshot_volumes(settings: Settings, role: str, volumes: Sequence[Volume], snapshot: str) -> None:
-    """Snapshot every writable volume (no QEMU may have a disk open: the serving VM is shut down first)."""
-    if not snapshot.startswith(SNAPSHOT_PREFIX):
-        snapshot = SNAPSHOT_PREFIX + snapshot
-    for volume in volumes:
-        if volume.kind == "disk":
-            path = disk_path(settings, role, volume.name)
-            run(snapshot_create_argv(path, snapshot))
-            existing = snapshot_names(json.loads(run(qemu_img_info_argv(path)).stdout))
-            for old in existing[:-KEEP_SNAPSHOTS]:
-                run(snapshot_delete_argv(path, old))
-        elif not volume.read_only:
-            dest = snapshot_share_path(settings, role, snapshot, volume.name)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                raise HomelabError(f"share snapshot {dest} exists already")
-            run(share_copy_argv(share_path(settings, role, volume.name), dest))
-
-
 def snapshot_tag(snapshot: str) -> str:
     return snapshot if snapshot.startswith(SNAPSHOT_PREFIX) else SNAPSHOT_PREFIX + snapshot
 
 
-def restore_volumes(settings: Settings, role: str, volumes: Sequence[Volume], snapshot: str) -> None:
-    """Put every writable volume back as it was at `snapshot` (no VM may be using them)."""
+def disk_snapshots(path: Path) -> list[str]:
+    return snapshot_names(json.loads(run(qemu_img_info_argv(path)).stdout))
+
+
+def snapshot_disk(path: Path, snapshot: str) -> None:
+    """Snapshot one disk volume (no QEMU may have it open) and prune the tool's older ones past KEEP_SNAPSHOTS."""
     snapshot = snapshot_tag(snapshot)
-    for volume in volumes:
-        if volume.kind == "disk":
-            run(snapshot_apply_argv(disk_path(settings, role, volume.name), snapshot))
-        elif not volume.read_only:
-            saved = snapshot_share_path(settings, role, snapshot, volume.name)
-            if not saved.is_dir():
-                raise HomelabError(f"no snapshot {snapshot} of share {volume.name} ({saved})")
-            live = share_path(settings, role, volume.name)
-            aside = rolled_back_path(settings, role, snapshot, volume.name)
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            if live.exists():
-                os.replace(live, aside)
-            run(share_copy_argv(saved, live))
+    run(snapshot_create_argv(path, snapshot))
+    for old in disk_snapshots(path)[:-KEEP_SNAPSHOTS]:
+        run(snapshot_delete_argv(path, old))
+
+
+def restore_disk(path: Path, snapshot: str) -> None:
+    """Put a disk volume back as it was at `snapshot` (no QEMU may have it open)."""
+    run(snapshot_apply_argv(path, snapshot_tag(snapshot)))
+
+
+def delete_disk_snapshot(path: Path, snapshot: str) -> None:
+    run(snapshot_delete_argv(path, snapshot_tag(snapshot)))
 
 
 # --- share locks --------------------------------------------------------------------------------------------------
@@ -295,7 +257,6 @@ def _locked(path: Path) -> Iterator[dict[str, Any]]:
         except ValueError:
             state = {}
         state.setdefault("holder", None)
-        state.setdefault("standby", None)
         yield state
         handle.seek(0)
         handle.truncate()
@@ -307,57 +268,29 @@ def _live(entry: dict[str, Any] | None, alive: Callable[[int], bool]) -> dict[st
     return entry if entry is not None and alive(int(entry.get("pid", 0))) else None
 
 
-def acquire_share(path: Path, vm: str, pid: int, *, standby: bool = False,
-                  alive: Callable[[int], bool] = pid_alive) -> None:
-    """Take a share for `vm` (whose QEMU or tool process is `pid`): as its holder, or as the one standby of a swap.
-    Refused while another live VM holds it (or stands by); entries of dead processes are stale and replaced."""
+def acquire_share(path: Path, vm: str, pid: int, *, alive: Callable[[int], bool] = pid_alive) -> None:
+    """Take a share for `vm` (whose QEMU, or the tool starting it, is `pid`). Refused while another VM's process
+    lives; the entry of a dead one is stale and replaced."""
     with _locked(path) as state:
         holder = _live(state["holder"], alive)
-        waiting = _live(state["standby"], alive)
-        share = path.stem
-        me = {"vm": vm, "pid": pid}
-        if standby:
-            if holder is not None and holder["vm"] == vm:
-                raise ShareBusyError(f"share {share}: {vm} holds it already, it cannot also stand by")
-            if waiting is not None and waiting["vm"] != vm:
-                raise ShareBusyError(f"share {share}: {waiting['vm']} (pid {waiting['pid']}) already stands by for it")
-            state["holder"], state["standby"] = holder, me
-            return
         if holder is not None and holder["vm"] != vm:
-            raise ShareBusyError(f"share {share} is held by the running VM {holder['vm']} (pid {holder['pid']}): "
-                                 f"stop it first, two VMs never hold one share")
-        if waiting is not None and waiting["vm"] != vm:
-            raise ShareBusyError(f"share {share}: {waiting['vm']} stands by for it (a swap in progress)")
-        state["holder"] = me
-        state["standby"] = None if waiting is None or waiting["vm"] == vm else waiting
-
-
-def promote_share(path: Path, vm: str, *, alive: Callable[[int], bool] = pid_alive) -> None:
-    """Cutover: the standby `vm` becomes the holder, once the previous holder's process is gone."""
-    with _locked(path) as state:
-        holder = _live(state["holder"], alive)
-        waiting = state["standby"]
-        share = path.stem
-        if waiting is None or waiting["vm"] != vm:
-            raise ShareBusyError(f"share {share}: {vm} is not its standby")
-        if holder is not None and holder["vm"] != vm:
-            raise ShareBusyError(f"share {share} is still held by the running VM {holder['vm']} (pid {holder['pid']})")
-        state["holder"], state["standby"] = waiting, None
+            raise ShareBusyError(f"share {path.stem} is held by the running VM {holder['vm']} (pid {holder['pid']}): "
+                                 "stop it first, two VMs never hold one share")
+        state["holder"] = {"vm": vm, "pid": pid}
 
 
 def release_share(path: Path, vm: str) -> None:
-    """`vm` lets go of the share (holder or standby); another VM's entry is left alone."""
+    """`vm` lets go of the share; another VM's entry is left alone."""
     if not path.exists():
         return
     with _locked(path) as state:
-        for key in ("holder", "standby"):
-            if state[key] is not None and state[key]["vm"] == vm:
-                state[key] = None
+        if state["holder"] is not None and state["holder"]["vm"] == vm:
+            state["holder"] = None
 
 
 def share_holders(path: Path) -> dict[str, Any]:
     try:
         state: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"holder": None, "standby": None}
+        return {"holder": None}
     return state

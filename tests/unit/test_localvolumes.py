@@ -65,15 +65,22 @@ def test_volumes_unit_runs_before_docker_and_the_stack_and_is_required_by_the_st
     assert ("Before", "docker.service homelab-stack.service") in lines
     assert ("RequiredBy", "homelab-stack.service") in lines
     assert ("ExecStart", "/usr/local/libexec/homelab/volumes mount") in lines
-    assert ("ConditionPathExists", f"!{lv.HOLD_PATH}") in lines
+    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes attached") in lines
     assert any(key == "After" and "cloud-init" in value for key, value in lines)
 
 
-def test_stack_waits_for_the_volumes_and_is_skipped_while_the_volumes_are_held() -> None:
+def test_stack_waits_for_the_volumes_and_is_skipped_while_none_is_attached() -> None:
     lines = _unit_lines("homelab-stack.service")
     after = next(value for key, value in lines if key == "After")
     assert "homelab-volumes.service" in after.split()
-    assert ("ConditionPathExists", f"!{lv.HOLD_PATH}") in lines
+    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes attached") in lines
+
+
+def test_every_definition_baking_the_common_stack_unit_bakes_the_volumes_script() -> None:
+    for role in ("intranet", "extranet"):
+        dests = {e["dest"]: e["src"] for e in load_role(PROJECT, role)["files"]}
+        if dests.get("/etc/systemd/system/homelab-stack.service") == "images/files/common/homelab-stack.service":
+            assert "/usr/local/libexec/homelab/volumes" in dests
 
 
 # --- the image's mount script (its external commands recorded) -------------------------------------------------------
@@ -199,6 +206,28 @@ def test_script_mounts_nothing_on_an_ephemeral_boot(script: ModuleType, tmp_path
     assert fake.calls == []
 
 
+def test_attached_says_whether_the_stack_may_run(script: ModuleType, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(script.subprocess, "run", FakeSystem())
+    monkeypatch.setattr(script, "EPHEMERAL", tmp_path / "no-ephemeral")
+    virtio = tmp_path / "virtio"
+    monkeypatch.setattr(script, "VIRTIO_DEVICES", virtio)
+    (virtio / "virtio0").mkdir(parents=True)
+    (virtio / "virtio0" / "device").write_text("0x0001\n")  # a NIC
+    disk_and_share = _volumes(("postgres", "disk", "/srv/postgres", False), ("photos", "share", "/srv/photos", False))
+    assert script.attached([]) is True  # nothing to wait for
+    assert script.attached(disk_and_share) is False  # green before the hand-over: skip volumes and stack
+    (virtio / "virtio3").mkdir()
+    (virtio / "virtio3" / "device").write_text("0x001a\n")  # a virtio-fs device
+    assert script.attached(disk_and_share) is True
+    assert script.attached(_volumes(("postgres", "disk", "/srv/postgres", False))) is False
+    (script.BY_ID / "virtio-postgres").touch()
+    assert script.attached(_volumes(("postgres", "disk", "/srv/postgres", False))) is True
+    (tmp_path / "ephemeral").touch()
+    monkeypatch.setattr(script, "EPHEMERAL", tmp_path / "ephemeral")
+    assert script.attached(_volumes(("logs", "share", "/srv/logs", False))) is True
+
+
 # --- QEMU and virtiofsd command lines -----------------------------------------------------------------------------
 
 
@@ -254,8 +283,6 @@ class Recorder:
             stdout = json.dumps(self.info)
             returncode = 0
 
-        if argv[:2] == ["cp", "-a"]:
-            Path(argv[-1]).mkdir(parents=True)
         return Result()
 
 
@@ -273,45 +300,26 @@ def test_volumes_are_created_once_and_never_again(settings: Settings, monkeypatc
     assert fake.calls == []
 
 
-def test_snapshot_is_internal_for_disks_a_copy_for_writable_shares_and_old_ones_pruned(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_snapshot_is_internal_and_old_ones_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     snaps = [{"name": f"homelab-s{i}", "date-sec": i, "date-nsec": 0} for i in range(5)]
     fake = Recorder({"snapshots": [*snaps, {"name": "by-hand", "date-sec": 0}]})
     monkeypatch.setattr(lv, "run", fake)
-    lv.snapshot_volumes(settings, "intranet", INTRANET, "s4")
-    vols = settings.build_dir / "intranet" / "volumes"
-    disk = str(vols / "postgres.qcow2")
-    assert fake.calls[1] == ["qemu-img", "snapshot", "-c", "homelab-s4", disk]
-    assert ["qemu-img", "info", "-U", "--output=json", disk] in fake.calls
+    disk = tmp_path / "postgres.qcow2"
+    lv.snapshot_disk(disk, "s4")
+    assert fake.calls[:2] == [["qemu-img", "snapshot", "-c", "homelab-s4", str(disk)],
+                              ["qemu-img", "info", "-U", "--output=json", str(disk)]]
     deleted = [c[3] for c in fake.calls if c[:3] == ["qemu-img", "snapshot", "-d"]]
     assert deleted == ["homelab-s0", "homelab-s1"]  # three kept, a snapshot made by hand never touched
-    copies = [c for c in fake.calls if c[0] == "cp"]
-    assert ["cp", "-a", "--reflink=auto", "--", str(vols / "appdata"), str(vols / ".snapshots/homelab-s4/appdata")] \
-        in copies
-    assert not [c for c in copies if "media" in c[-1]]  # read-only: nothing to snapshot
-    assert len(copies) == 4
 
 
-def test_restore_applies_the_disk_snapshot_and_moves_the_failed_share_aside(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    vols = settings.build_dir / "intranet" / "volumes"
-    for name in ("appdata", "photos", "backups", "logs"):
-        (vols / ".snapshots" / "homelab-s1" / name).mkdir(parents=True)
-        (vols / name).mkdir()
-    (vols / "photos" / "written-by-green").touch()
+def test_disk_restore_and_delete_name_the_same_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = Recorder()
     monkeypatch.setattr(lv, "run", fake)
-    lv.restore_volumes(settings, "intranet", INTRANET, "s1")
-    assert ["qemu-img", "snapshot", "-a", "homelab-s1", str(vols / "postgres.qcow2")] in fake.calls
-    assert ["cp", "-a", "--reflink=auto", "--", str(vols / ".snapshots/homelab-s1/photos"), str(vols / "photos")] \
-        in fake.calls
-    assert (vols / ".rolled-back" / "homelab-s1" / "photos" / "written-by-green").exists()
-
-
-def test_restore_without_the_share_snapshot_says_so(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lv, "run", Recorder())
-    with pytest.raises(lv.HomelabError, match="no snapshot homelab-s9 of share appdata"):
-        lv.restore_volumes(settings, "intranet", INTRANET, "homelab-s9")
+    disk = tmp_path / "postgres.qcow2"
+    lv.restore_disk(disk, "homelab-20261125-1")
+    lv.delete_disk_snapshot(disk, "20261125-1")
+    assert fake.calls == [["qemu-img", "snapshot", "-a", "homelab-20261125-1", str(disk)],
+                          ["qemu-img", "snapshot", "-d", "homelab-20261125-1", str(disk)]]
 
 
 # --- share locks ------------------------------------------------------------------------------------------------------
@@ -341,26 +349,10 @@ def test_a_dead_holder_is_stale_and_a_released_share_is_free(tmp_path: Path) -> 
     lv.acquire_share(lock, "intranet-c", 300, alive=_alive(200, 300))
 
 
-def test_one_standby_may_wait_and_is_promoted_only_once_the_holder_is_gone(tmp_path: Path) -> None:
-    lock = tmp_path / "photos.lock"
-    lv.acquire_share(lock, "blue", 100, alive=_alive(100))
-    lv.acquire_share(lock, "green", 200, standby=True, alive=_alive(100, 200))
-    with pytest.raises(lv.ShareBusyError, match=r"green \(pid 200\) already stands by"):
-        lv.acquire_share(lock, "other", 300, standby=True, alive=_alive(100, 200, 300))
-    with pytest.raises(lv.ShareBusyError, match="green stands by for it"):
-        lv.acquire_share(lock, "other", 300, alive=_alive(200, 300))
-    with pytest.raises(lv.ShareBusyError, match="still held by the running VM blue"):
-        lv.promote_share(lock, "green", alive=_alive(100, 200))
-    with pytest.raises(lv.ShareBusyError, match="other is not its standby"):
-        lv.promote_share(lock, "other", alive=_alive(200))
-    lv.promote_share(lock, "green", alive=_alive(200))  # blue's QEMU has exited
-    assert lv.share_holders(lock) == {"holder": {"vm": "green", "pid": 200}, "standby": None}
-
-
 # --- the seed's markers -------------------------------------------------------------------------------------------
 
 
-def test_seed_carries_the_hold_marker_only_when_asked() -> None:
+def test_seed_carries_the_ephemeral_marker_only_when_asked() -> None:
     import yaml
 
     from builder.cloudinit import render_seed
@@ -374,6 +366,5 @@ def test_seed_carries_the_hold_marker_only_when_asked() -> None:
         data = yaml.safe_load(render_seed(PROJECT, "intranet", site, secrets, extra_files=seed_files).user_data)
         return {entry["path"]: entry["permissions"] for entry in data["write_files"]}
 
-    assert lv.HOLD_PATH not in paths([])
-    assert paths([lv.HOLD_FILE])[lv.HOLD_PATH] == "0644"
-    assert lv.EPHEMERAL_PATH in paths([lv.EPHEMERAL_FILE])
+    assert lv.EPHEMERAL_PATH not in paths([])
+    assert paths([lv.EPHEMERAL_FILE])[lv.EPHEMERAL_PATH] == "0644"
