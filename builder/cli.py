@@ -257,3 +257,101 @@ def token_role_cmd(state: State, site: str | None, tokenid: str) -> None:
 
     section = load_site(state.settings.site_path(_path(site))).proxmox()
     click.echo(token_role(section, tokenid).describe())
+
+
+# --- deploy --------------------------------------------------------------------------------------------------
+
+
+def _provider(state: State, site_path: str | None, insecure: bool) -> tuple[Any, Any]:
+    from .proxmox import Pve, Target, token_from_env
+    from .pve_deploy import ProxmoxProvider
+    from .site import load_site
+
+    site = load_site(state.settings.site_path(_path(site_path)))
+    target = Target.from_site(site.proxmox(), token_from_env(), insecure=insecure)
+    return site, ProxmoxProvider(Pve(target), site)
+
+
+@main.command("deploy")
+@click.argument("role")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="The qcow2 to deploy (default: the newest build of ROLE).")
+@click.option("--swap", is_flag=True, help="Blue-green: replace the live VM, handing its data volumes over.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (or what a resumed deploy still does); change nothing.")
+@click.option("--keep", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="Previous VMs kept stopped for `homelab rollback`.")
+@site_option
+@secrets_option
+@click.option("--insecure", is_flag=True, help="Do not check the API's TLS certificate at all.")
+@click.pass_obj
+@handle_errors
+def deploy_cmd(state: State, role: str, image: str | None, swap: bool, dry_run: bool, keep: int, site: str | None,
+               secrets: str | None, insecure: bool) -> None:
+    """Deploy ROLE to Proxmox VE; --swap replaces the live VM blue-green. A rerun resumes an unfinished deploy."""
+    from .deploy import Journal, execute, pending_steps, resume_or_plan
+
+    site_obj, provider = _provider(state, site, insecure)
+    journal = Journal.for_role(state.settings, role)
+    plan, resumed = resume_or_plan(state.settings, site_obj, role, _path(image), swap, provider=provider,
+                                   journal=journal, secrets_path=state.settings.secrets_path(_path(secrets)),
+                                   keep=keep)
+    if dry_run:
+        click.echo(plan.describe())
+        if resumed:
+            click.echo("resuming; still to do: " + ", ".join(pending_steps(plan, journal)))
+        return
+    if resumed:
+        click.echo(f"resuming deploy {plan.deploy_id}: " + ", ".join(pending_steps(plan, journal)), err=True)
+    outcome = execute(plan, provider, journal, on_step=lambda text: click.echo(text, err=True))
+    downtime = f", downtime {outcome.downtime_s:.1f} s" if outcome.downtime_s is not None else ""
+    click.echo(f"{role}: VM {outcome.vmid} live, version {plan.version}{downtime}")
+
+
+@main.command("rollback")
+@click.argument("role")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@site_option
+@click.option("--insecure", is_flag=True, help="Do not check the API's TLS certificate at all.")
+@click.pass_obj
+@handle_errors
+def rollback_cmd(state: State, role: str, dry_run: bool, site: str | None, insecure: bool) -> None:
+    """Hand ROLE back to the previous VM (the newest kept `blue;rollback` one), data volumes included."""
+    from .deploy import Journal, execute, plan_rollback
+    from .errors import DeployError
+
+    journal = Journal.for_role(state.settings, role)
+    pending = journal.unfinished()
+    if pending is not None:
+        raise DeployError(f"deploy {pending['id']} of {role} is unfinished: rerun `homelab deploy {role}` first")
+    site_obj, provider = _provider(state, site, insecure)
+    plan = plan_rollback(state.settings, site_obj, role, provider=provider)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    outcome = execute(plan, provider, journal, on_step=lambda text: click.echo(text, err=True))
+    downtime = f", downtime {outcome.downtime_s:.1f} s" if outcome.downtime_s is not None else ""
+    click.echo(f"{role}: VM {outcome.vmid} live again, version {plan.version}{downtime}")
+
+
+@main.command("status")
+@click.argument("role")
+@click.pass_obj
+@handle_errors
+def status_cmd(state: State, role: str) -> None:
+    """ROLE's live VM and version, an unfinished deploy, the last swaps with their downtime (from the journal)."""
+    from .deploy import Journal, status_lines
+
+    for text in status_lines(Journal.for_role(state.settings, role), role):
+        click.echo(text)
+
+
+@main.command("history")
+@click.argument("role")
+@click.pass_obj
+@handle_errors
+def history_cmd(state: State, role: str) -> None:
+    """Every deploy of ROLE from the journal: kind, version, VM, outcome, downtime, error."""
+    from .deploy import Journal, history_lines
+
+    for text in history_lines(Journal.for_role(state.settings, role)):
+        click.echo(text)

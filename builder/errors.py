@@ -60,3 +60,7 @@ class ProxmoxError(HomelabError):
 
 class ProxmoxTaskError(ProxmoxError):
     """A Proxmox VE task (an upload, a VM creation) ended in error or did not end in time; carries the log tail."""
+
+
+class DeployError(HomelabError):
+    """A deploy cannot start (bad input: nothing was changed) or failed (names the step; the journal says more)."""

@@ -505,12 +505,31 @@ DEPLOY_CALLS: tuple[ApiCall, ...] = (
             in_code=(("/vms/{vmid}", "VM.Config.CPU"), ("/vms/{vmid}", "VM.Config.Memory"),
                      ("/vms/{vmid}", "VM.Config.Disk"), ("/vms/{vmid}", "VM.Config.CDROM"),
                      ("/vms/{vmid}", "VM.Config.Network"), ("/vms/{vmid}", "VM.Config.HWType"),
-                     ("/vms/{vmid}", "VM.Config.Options"))),
+                     ("/vms/{vmid}", "VM.Config.Options"),
+                     # check_dir_perm: a virtiofs share needs Mapping.Use on its directory mapping.
+                     ("/mapping/dir", "Mapping.Use"))),
+    ApiCall("GET", "/nodes/{node}/storage/{storage}/content", "data volumes exist; a VM's own volumes before "
+            "it is destroyed", storage="images", pick=("Datastore.Audit",)),
+    ApiCall("PUT", "/nodes/{node}/qemu/{vmid}/config", "swap: NIC link and MAC, tags, virtiofs shares handed over",
+            pick=("VM.Config.Disk", "VM.Config.Network", "VM.Config.Options"),
+            # check_dir_perm for a virtiofs share attached to the new VM.
+            in_code=(("/mapping/dir", "Mapping.Use"),)),
+    ApiCall("POST", "/nodes/{node}/qemu/{vmid}/agent/ping", "health gate: the guest agent answers"),
+    ApiCall("POST", "/nodes/{node}/qemu/{vmid}/agent/exec", "verification, health gate, stopping the old stack"),
+    ApiCall("GET", "/nodes/{node}/qemu/{vmid}/agent/exec-status", "the result of a guest command"),
+    ApiCall("POST", "/nodes/{node}/qemu/{vmid}/move_disk", "swap: hand a data disk to the other VM",
+            described=(("/storage/{images}", "Datastore.AllocateSpace"),)),
+    ApiCall("POST", "/nodes/{node}/qemu/{vmid}/snapshot", "swap: snapshot the handed-over data before the new VM "
+            "starts"),
+    ApiCall("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback", "swap rollback: the data as handed "
+            "over", pick=("VM.Snapshot",)),
+    ApiCall("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}", "swap: drop the snapshot (move_disk "
+            "refuses a disk a snapshot references)"),
     ApiCall("GET", "/nodes/{node}/qemu/{vmid}/status/current", "VM state during the swap"),
     ApiCall("POST", "/nodes/{node}/qemu/{vmid}/status/start", "start the new VM"),
     ApiCall("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown", "stop the old VM gracefully"),
     ApiCall("POST", "/nodes/{node}/qemu/{vmid}/status/stop", "stop a VM that does not shut down"),
-    ApiCall("DELETE", "/nodes/{node}/qemu/{vmid}", "remove the old VM after a swap"),
+    ApiCall("DELETE", "/nodes/{node}/qemu/{vmid}", "remove an old VM holding no data volume"),
 )
 
 

@@ -12,7 +12,7 @@ import ipaddress
 import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,15 @@ PROXMOX_FIELDS = [
           default=lambda: {f.name: f.default for f in TLS_FIELDS}),
 ]
 
+# hosts.<role>.volumes.<name>: where each data volume of the role's image definition lives on Proxmox VE.
+VOLUME_ID = r"[a-z][a-z0-9\-_.]*[a-z0-9]:[A-Za-z0-9][A-Za-z0-9+._/-]*"
+HOST_VOLUME_FIELDS = [
+    Field("volid", Str(pattern=VOLUME_ID, what="a volume ID like local-zfs:vm-101-disk-1"),
+          "A disk-kind volume: the existing zvol (STORAGE:NAME) the first deploy attaches; swaps move it on."),
+    Field("mapping", Str(pattern=r"[a-zA-Z][a-zA-Z0-9\-_]{0,127}", what="a directory mapping ID"),
+          "A share-kind volume: the PVE directory mapping (Datacenter > Directory Mappings) shared by virtiofs."),
+]
+
 HOST_FIELDS = [
     Field("hostname", Str(pattern=LABEL, what="a lowercase host name (one DNS label)"), "Host name (no domain).",
           required=True),
@@ -264,6 +273,10 @@ HOST_FIELDS = [
     Field("vmid", Int(100, 999999999), "Proxmox VE VMID of the role's VM (deploy)."),
     Field("name", Str(pattern=LABEL, what="a VM name (one DNS label)"),
           "Proxmox VE name of the role's VM (deploy); default the hostname."),
+    Field("volumes", MapOf(Record(HOST_VOLUME_FIELDS, "a volume mapping"),
+                           what="a mapping of volume name to its facts"),
+          "Data volumes of the role (deploy): volumes.<name>.volid (disk) or .mapping (share), one per volume of "
+          "the image definition.", default=dict),
 ]
 
 # proxy_hosts[]: one public name of the DMZ proxy (Nginx Proxy Manager), applied through NPM's API at boot
@@ -318,6 +331,8 @@ class SiteHost:
     address: str  # CIDR interface, e.g. 192.168.1.101/24
     vmid: int | None = None  # Proxmox VE VMID; only deploys need it
     name: str = ""  # Proxmox VE VM name (the hostname unless the site says otherwise)
+    # Data volume name -> {"volid": ...} (disk) or {"mapping": ...} (share); only deploys need them.
+    volumes: Mapping[str, Mapping[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -371,7 +386,7 @@ def load_site(path: Path) -> Site:
     _check_hosts(values, doc)
     _check_proxy_hosts(values, doc)
     _check_proxmox(values, doc)
-    hosts = {role: SiteHost(role, h["hostname"], h["address"], h["vmid"], h["name"])
+    hosts = {role: SiteHost(role, h["hostname"], h["address"], h["vmid"], h["name"], h["volumes"])
              for role, h in values["hosts"].items()}
     return Site(
         path=path,
@@ -400,6 +415,10 @@ def _check_hosts(values: dict[str, Any], doc: Located) -> None:
             raise DefinitionError(f"{where}: hosts.{role}.address: gateway {gateway} is not in {iface.network}")
         if iface.ip == gateway:
             raise DefinitionError(f"{where}: hosts.{role}.address: {iface.ip} is the gateway's address")
+        for name, volume in host["volumes"].items():
+            if (volume["volid"] is None) == (volume["mapping"] is None):
+                raise DefinitionError(f"{doc.where(('hosts', role, 'volumes', name))}: hosts.{role}.volumes.{name}: "
+                                      "give exactly one of volid (a disk) or mapping (a share)")
         markers = [("hostname", host["hostname"]), ("address", str(iface.ip)), ("name", f"vm {host['name']}")]
         if host["vmid"] is not None:
             markers.append(("vmid", f"vmid {host['vmid']}"))

@@ -359,6 +359,8 @@ def create_vm(call: Call) -> Any:
     except WorkerFailure as e:
         return call.task("qmcreate", vmid, error=f"unable to create VM {vmid} - {e}")
     vm.config = qemu.new_vm_config(config, disks)
+    if call.state.agent_for is not None:
+        vm.agent = call.state.agent_for(vm)
     call.state.vms[vmid] = vm
     log = [f"{k}: successfully created disk '{v}'" for k, v in disks.items()]
     if boolean(call.params.get("start")):

@@ -10,6 +10,7 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,8 @@ class PveState:
     tokens: dict[str, str] = field(default_factory=lambda: {"homelab@pve!deploy": DEFAULT_SECRET})
     acl: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     task_polls: int = 1  # status reads a task stays "running"
+    # The guest agent a newly created VM gets (its scripted answers), from the new VM; default: Agent().
+    agent_for: Callable[[Vm], Agent] | None = None
     fingerprint: str = ""  # the server certificate's, set by the emulator (GET /nodes shows it)
     lock: threading.RLock = field(default_factory=threading.RLock)
     _next_pid: int = 40000

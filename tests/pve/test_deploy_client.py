@@ -155,7 +155,8 @@ def test_a_token_without_the_role_fails_on_each_short_path(pve: PveEmulator, sit
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     everything = {"Datastore.Audit", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "SDN.Use",
                   "VM.Allocate", "VM.Audit", "VM.PowerMgmt", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.CPU",
-                  "VM.Config.Memory", "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options"}
+                  "VM.Config.Memory", "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options", "VM.Monitor",
+                  "VM.Snapshot", "Mapping.Use"}
     pve.state.add_token("ro@pve!audit", "s3", {"/": everything - {"Datastore.AllocateTemplate", "VM.PowerMgmt"}})
     monkeypatch.setenv("PVE_TOKEN", "ro@pve!audit=s3")
     result = homelab("preflight", "--site", str(site))
@@ -367,6 +368,6 @@ def test_a_call_outside_the_role_is_forbidden_in_one_line(pve: PveEmulator, site
     monkeypatch.setenv("PVE_TOKEN", "least@pve!deploy=s6")
     client = Pve(Target.from_site(section, proxmox.token_from_env()))
     with pytest.raises(ProxmoxError) as caught:
-        client.call("POST", "/nodes/pve/qemu/101/snapshot", snapname="before")
-    assert str(caught.value) == ("POST /nodes/pve/qemu/101/snapshot: HTTP 403 Forbidden: Permission check failed "
-                                 "(/vms/101, VM.Snapshot) (the token lacks a privilege: see `homelab token-role`)")
+        client.call("POST", "/nodes/pve/qemu/101/migrate", target="pve2")
+    assert str(caught.value) == ("POST /nodes/pve/qemu/101/migrate: HTTP 403 Forbidden: Permission check failed "
+                                 "(/vms/101, VM.Migrate) (the token lacks a privilege: see `homelab token-role`)")

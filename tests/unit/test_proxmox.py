@@ -281,8 +281,10 @@ def test_the_role_derived_from_the_real_schema() -> None:
         "/storage/local": {"Datastore.AllocateTemplate", "Datastore.Audit"},
         "/storage/local-zfs": {"Datastore.AllocateSpace", "Datastore.Audit"},
         "/sdn/zones/localnetwork/vmbr0": {"SDN.Use"},
+        "/mapping/dir": {"Mapping.Use"},
         "/vms": {"VM.Allocate", "VM.Audit", "VM.PowerMgmt", "VM.Config.CPU", "VM.Config.Memory", "VM.Config.Disk",
-                 "VM.Config.CDROM", "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options"},
+                 "VM.Config.CDROM", "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options", "VM.Monitor",
+                 "VM.Snapshot"},
     }
 
 
@@ -320,7 +322,7 @@ def test_effective_privileges_come_from_the_nearest_listed_path() -> None:
 def test_token_role_prints_roles_and_pveum_commands() -> None:
     plan = proxmox.token_role(load_site(SITE).proxmox(), "homelab@pve!deploy")
     assert set(plan.roles) == {"Homelab-storage-local", "Homelab-storage-local-zfs",
-                               "Homelab-sdn-zones-localnetwork-vmbr0", "Homelab-vms"}
+                               "Homelab-sdn-zones-localnetwork-vmbr0", "Homelab-mapping-dir", "Homelab-vms"}
     commands = plan.commands()
     assert 'pveum role add Homelab-storage-local -privs "Datastore.AllocateTemplate,Datastore.Audit"' in commands
     assert any(c.startswith("pveum user token add homelab@pve deploy --privsep 1") for c in commands)

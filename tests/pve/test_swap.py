@@ -1,0 +1,509 @@
+"""`homelab deploy` (first deploy and blue-green swap), rollback and the journal, against the PVE emulator.
+
+The role is the real images/intranet.yaml (one disk volume, five shares). The guests' answers come from the
+emulator's agent table: `Guests` scripts every new VM healthy, or failing verification or the health gate.
+Invariants checked after every run, whatever failed: no data volume was ever deleted (the emulator's Volume
+objects of the data disks are all still on their storage, so no volume DELETE and no destroy of a VM holding
+one happened), exactly one VM serves (running, tagged live, holding every data volume), and rerunning the
+command converges to the new version live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from builder import deploy, proxmox
+from builder.cli import main
+from builder.cloudinit import Seed
+from builder.deploy import Journal, Outcome
+from builder.errors import DeployError
+from builder.proxmox import Pve, Target
+from builder.pve_deploy import ProxmoxProvider
+from builder.settings import Settings, load_settings
+from builder.site import Site, load_site
+
+from .emulator import PveEmulator
+from .state import Agent, ExecResult, GiB, Vm, Volume
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "site"
+ROLE = "intranet"
+DISK = "local-zfs:vm-101-disk-1"
+SHARES = {"appdata": "virtiofs0", "photos": "virtiofs1", "media": "virtiofs2", "backups": "virtiofs3",
+          "logs": "virtiofs4"}
+SEED = Seed("#cloud-config\n", "instance-id: intranet-test\n", "version: 2\nethernets: {}\n")
+HEALTHY_PS = '{"Service":"jellyfin","State":"running","Health":"healthy"}\n{"Service":"db","State":"running"}\n'
+
+
+def line(argv: tuple[str, ...]) -> str:
+    return " ".join(argv)
+
+
+@dataclass
+class Guests:
+    """How the next VMs' guests answer: verification and health commands pass unless told otherwise."""
+
+    verify_ok: bool = True
+    healthy: bool = True
+
+    def agent(self, vm: Vm) -> Agent:
+        verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
+        if not self.verify_ok:
+            verify[0] = ExecResult(exitcode=1, out="status: error\n")
+        commands = {line(argv): result for argv, result in zip(deploy.VERIFY_COMMANDS, verify, strict=True)}
+        commands[line(deploy.HEALTH_COMMANDS[0])] = ExecResult(out="active\n")
+        commands[line(deploy.HEALTH_COMMANDS[1])] = ExecResult(
+            out=HEALTHY_PS if self.healthy else '{"Service":"db","State":"running","Health":"unhealthy"}\n')
+        commands[f"systemctl stop {deploy.STACK_UNIT}"] = ExecResult()
+        commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
+        return Agent(commands=commands)
+
+
+class FakeClock:
+    """Deadlines pass in no time: sleeping advances the clock."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclass
+class Env:
+    pve: PveEmulator
+    settings: Settings
+    site: Site
+    guests: Guests
+    clock: FakeClock = field(default_factory=FakeClock)
+    timeout: tuple[float, float] = (5.0, 10.0)
+    versions: int = 0
+
+    def provider(self) -> ProxmoxProvider:
+        pve = Pve(Target.from_site(self.site.proxmox(), proxmox.token_from_env()), timeout=self.timeout,
+                  clock=self.clock.clock, sleep=self.clock.sleep)
+        return ProxmoxProvider(pve, self.site, task_timeout=60)
+
+    def build(self) -> Path:
+        """A new "built" image of the role: a qcow2 header and its manifest, as build.publish writes them."""
+        self.versions += 1
+        version = f"{self.versions:012x}"
+        role_dir = self.settings.role_dir(ROLE)
+        role_dir.mkdir(parents=True, exist_ok=True)
+        image = role_dir / f"{ROLE}-{version}.qcow2"
+        image.write_bytes(b"QFI\xfb" + b"\0" * 20 + (2 * GiB).to_bytes(8, "big") + version.encode() * 1000)
+        (role_dir / f"{ROLE}-{version}.manifest.json").write_text(json.dumps(
+            {"image": image.name, "version": version, "sha256": hashlib.sha256(image.read_bytes()).hexdigest()}))
+        return image
+
+    @property
+    def journal(self) -> Journal:
+        return Journal.for_role(self.settings, ROLE)
+
+    def deploy(self, swap: bool, provider: Any = None) -> Outcome:
+        provider = provider or self.provider()
+        plan, _ = deploy.resume_or_plan(self.settings, self.site, ROLE, None, swap, provider=provider,
+                                        journal=self.journal, seed=SEED)
+        return deploy.execute(plan, provider, self.journal)
+
+    def disk(self) -> Volume:
+        volume = next(v for s in self.pve.state.storages.values() for v in s.volumes.values()
+                      if v.content == "images" and v.size == 20 * GiB)
+        return volume
+
+    def live(self) -> list[Vm]:
+        return [vm for vm in self.pve.state.vms.values() if "live" in vm.config.get("tags", "").split(";")]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def site_text(pve: PveEmulator, volumes: str = f'postgres: {{volid: "{DISK}"}}') -> str:
+    text = (FIXTURES / "test-site.yaml").read_text()
+    shares = ", ".join(f"{name}: {{mapping: {name}}}" for name in SHARES)
+    text = text.replace("intranet: {hostname: intranet, address: 10.99.0.101/24}",
+                        f"intranet: {{hostname: intranet, address: 10.99.0.101/24, vmid: 101, "
+                        f"volumes: {{{volumes}, {shares}}}}}")
+    text = text.replace("extranet: {hostname: extranet, address: 10.99.0.111/24}",
+                        "extranet: {hostname: extranet, address: 10.99.0.111/24, vmid: 111}")
+    return text + f"""
+proxmox:
+  url: https://{pve.host}:{pve.port}
+  node: pve
+  tls: {{fingerprint: "{pve.fingerprint}"}}
+"""
+
+
+@pytest.fixture
+def env(pve: PveEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    path = tmp_path / "site.yaml"
+    path.write_text(site_text(pve))
+    tokenid, secret = pve.token
+    monkeypatch.setenv("PVE_TOKEN", f"{tokenid}={secret}")
+    monkeypatch.setenv("HOMELAB_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("HOMELAB_PROJECT", str(ROOT))
+    guests = Guests()
+    pve.state.agent_for = guests.agent
+    pve.state.add_volume(Volume(DISK, "images", "raw", 20 * GiB, vmid=101))
+    return Env(pve, load_settings(), load_site(path), guests)
+
+
+def writes(pve: PveEmulator) -> list[str]:
+    return [f"{r.method} {r.path}" for r in pve.requests if r.method in ("POST", "PUT", "DELETE")]
+
+
+def holds_all_data(vm: Vm, disk: Volume) -> bool:
+    return (vm.config.get("scsi1", "").split(",")[0] == disk.volid
+            and all(vm.config.get(key, "").split(",")[0] == name for name, key in SHARES.items()))
+
+
+def assert_invariants(env: Env, disk: Volume) -> Vm:
+    """No data volume lost; one VM serves, running, with every data volume; no share on two VMs."""
+    storage = env.pve.state.storages["local-zfs"]
+    assert storage.volumes.get(disk.volid) is disk, "the data disk was deleted"
+    assert not env.pve.calls("DELETE", r"/storage/.*/content/"), "a volume was deleted"
+    live = env.live()
+    assert len(live) == 1, [vm.config.get("tags") for vm in env.pve.state.vms.values()]
+    assert live[0].status == "running"
+    assert holds_all_data(live[0], disk), live[0].config
+    for name in SHARES:
+        holders = [vm.vmid for vm in env.pve.state.vms.values()
+                   if any(k.startswith("virtiofs") and v.split(",")[0] == name for k, v in vm.config.items())]
+        assert len(holders) == 1, (name, holders)
+    return live[0]
+
+
+def first_deploy(env: Env) -> Vm:
+    env.build()
+    outcome = env.deploy(swap=False)
+    assert outcome.outcome == "live"
+    return env.pve.state.vms[101]
+
+
+# --- first deploy and a passing swap -------------------------------------------------------------------------------
+
+
+def test_first_deploy_creates_the_vm_with_its_data_and_tags_it_live(env: Env) -> None:
+    vm = first_deploy(env)
+    config = vm.config
+    assert vm.status == "running"
+    version = f"{env.versions:012x}"
+    tags = config["tags"].split(";")
+    assert tags[:3] == ["homelab", "live", "role-intranet"] or set(tags) >= {"homelab", "live", "role-intranet"}
+    assert f"v-{version}" in tags and any(t.startswith("d-") for t in tags)
+    create = env.pve.calls("POST", r"^/nodes/pve/qemu$")[0].params
+    assert create["scsi0"] == f"local-zfs:0,import-from=local:import/intranet-{version}.qcow2"
+    assert re.fullmatch(r"local:iso/seed-intranet-[0-9a-f]{12}\.iso,media=cdrom", create["ide2"])
+    assert create["net0"] == "virtio,bridge=vmbr0" and create["agent"] == "1"
+    assert "green" in create["tags"].split(";")
+    assert holds_all_data(vm, env.disk())
+    active = env.journal.data["active"]
+    assert active["vmid"] == 101 and active["version"] == version
+
+
+def test_swap_hands_the_data_to_green_and_keeps_blue_stopped_for_rollback(env: Env,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run with exactly the ACLs `homelab token-role` prints: the swap's calls are all in DEPLOY_CALLS."""
+    plan = proxmox.token_role(env.site.proxmox(), "least@pve!deploy")
+    env.pve.state.add_token("least@pve!deploy", "s7", {path: set(privs) for path, privs in plan.roles.values()})
+    monkeypatch.setenv("PVE_TOKEN", "least@pve!deploy=s7")
+    blue = first_deploy(env)
+    disk = env.disk()
+    mac = blue.config["net0"].split(",")[0].split("=")[1]
+    env.build()
+    outcome = env.deploy(swap=True)
+    assert outcome.outcome == "live" and outcome.vmid == 102
+    green = assert_invariants(env, disk)
+    assert green.vmid == 102 and disk.volid == "local-zfs:vm-102-disk-1" and disk.vmid == 102
+    assert green.config["net0"] == f"virtio={mac},bridge=vmbr0"
+    assert blue.status == "stopped" and blue.config["net0"] == f"virtio={mac},bridge=vmbr0,link_down=1"
+    assert {"blue", "rollback"} <= set(blue.config["tags"].split(";"))
+    assert not green.snapshots and not blue.snapshots
+    assert all(r.status == 200 for r in env.pve.requests if r.method != "GET"), \
+        [(r.method, r.path, r.status) for r in env.pve.requests if r.status != 200]
+    entry = env.journal.deploys[-1]
+    assert entry["outcome"] == "live" and entry["downtime_s"] is not None and entry["downtime_s"] >= 0
+    assert entry["done"]["hand-postgres"]["upid"].startswith("UPID:pve:")
+    status = deploy.status_lines(env.journal, ROLE)
+    assert status[0].startswith(f"intranet: live VM 102, version {f'{env.versions:012x}'}")
+    assert "downtime" in status[-1]
+
+
+def test_keeps_the_newest_rollback_vms_and_never_deletes_one_with_data(env: Env) -> None:
+    first_deploy(env)
+    for _ in range(3):
+        env.build()
+        env.deploy(swap=True)
+    disk = env.disk()
+    live = assert_invariants(env, disk)
+    rollbacks = sorted(vm.vmid for vm in env.pve.state.vms.values() if "rollback" in vm.config["tags"])
+    assert live.vmid == 104 and rollbacks == [102, 103]
+    deleted = [r.path for r in env.pve.calls("DELETE", r"^/nodes/pve/qemu/\d+$")]
+    assert deleted == ["/nodes/pve/qemu/101"]
+
+
+def test_homelab_rollback_hands_back_to_the_previous_vm(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    env.deploy(swap=True)
+    provider = env.provider()
+    plan = deploy.plan_rollback(env.settings, env.site, ROLE, provider=provider)
+    assert plan.vmid == 101 and plan.blue == 102
+    outcome = deploy.execute(plan, provider, env.journal)
+    assert outcome.outcome == "live"
+    live = assert_invariants(env, env.disk())
+    assert live.vmid == 101 and env.disk().volid == "local-zfs:vm-101-disk-1"
+    assert "rollback" in env.pve.state.vms[102].config["tags"]
+
+
+# --- failures --------------------------------------------------------------------------------------------------------
+
+
+def test_green_failing_verification_is_deleted_and_blue_never_stopped(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    before = dict(blue.config)
+    env.guests.verify_ok = False
+    env.build()
+    start = len(env.pve.requests)
+    with pytest.raises(DeployError, match=r"failed at verify: VM 102 did not pass verification .*status: error"):
+        env.deploy(swap=True)
+    assert 102 not in env.pve.state.vms
+    assert blue.status == "running" and blue.config == before
+    moved = [r for r in env.pve.requests[start:] if re.search(r"move_disk|snapshot|/101/", r.path)
+             and r.method != "GET"]
+    assert moved == []
+    assert_invariants(env, disk)
+    assert env.journal.deploys[-1]["outcome"] == "cleaned"
+
+
+def test_health_gate_failing_after_cutover_rolls_back_to_blue(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.guests.healthy = False
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at health-gate: VM 102 is not healthy .*db: running/unhealthy; "
+                                          r"rolled back to VM 101"):
+        env.deploy(swap=True)
+    live = assert_invariants(env, disk)
+    assert live is blue and disk.volid == "local-zfs:vm-101-disk-1"
+    green = env.pve.state.vms[102]
+    assert green.status == "stopped" and "failed" in green.config["tags"]
+    assert env.pve.calls("POST", r"/qemu/102/snapshot/homelab-[^/]+/rollback$"), "the data was not restored"
+    assert not green.snapshots
+    entry = env.journal.deploys[-1]
+    assert entry["outcome"] == "rolled-back" and entry["done"]["hand-postgres"]["to"] == 102
+    assert entry["rolled"]["restore-snapshot"]["restored"] is True
+    assert entry["downtime_s"] is not None
+    # The next swap (a healthy image) passes, and the failed green is pruned.
+    env.guests.healthy = True
+    env.build()
+    assert env.deploy(swap=True).outcome == "live"
+    assert_invariants(env, disk)
+    assert 102 not in env.pve.state.vms
+
+
+# Each step of a swap, by the request that does it: (name, method, path regex, nth match within the swap).
+SWAP_CALLS = [
+    ("upload-image", "POST", r"/storage/local/upload$", 1, True),
+    ("upload-seed", "POST", r"/storage/local/upload$", 2, True),
+    ("create", "POST", r"^/nodes/pve/qemu$", 1, True),
+    ("boot-isolated", "POST", r"/qemu/102/status/start$", 1, True),
+    ("verify", "POST", r"/qemu/102/agent/exec$", 2, False),
+    ("stop-green", "POST", r"/qemu/102/status/shutdown$", 1, True),
+    ("stop-blue-stack", "POST", r"/qemu/101/agent/exec$", 1, False),
+    ("shutdown-blue", "POST", r"/qemu/101/status/shutdown$", 1, True),
+    ("hand-appdata (detach)", "PUT", r"/qemu/101/config$", 1, False),
+    ("hand-appdata (attach)", "PUT", r"/qemu/102/config$", 1, False),
+    ("hand-postgres", "POST", r"/qemu/101/move_disk$", 1, True),
+    ("snapshot-data", "POST", r"/qemu/102/snapshot$", 1, True),
+    ("identity", "PUT", r"/qemu/102/config$", 6, False),
+    ("start-green", "POST", r"/qemu/102/status/start$", 2, True),
+    ("start-stack", "POST", r"/qemu/102/agent/exec$", 4, False),
+    ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 6, False),
+    ("drop-snapshot", "DELETE", r"/qemu/102/snapshot/", 1, True),
+    ("tag-live", "PUT", r"/qemu/102/config$", 7, False),
+    ("tag-blue", "PUT", r"/qemu/101/config$", 3, False),
+]
+FAULTS = [(name, method, path, nth, kind) for name, method, path, nth, task in SWAP_CALLS
+          for kind in ("error", "task", "hang") if kind != "task" or task]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "nth", "kind"), FAULTS,
+                         ids=[f"{f[0]}-{f[4]}" for f in FAULTS])
+def test_a_fault_at_any_step_loses_nothing_and_a_rerun_converges(env: Env, name: str, method: str, path: str,
+                                                                  nth: int, kind: str) -> None:
+    first_deploy(env)
+    disk = env.disk()
+    env.build()
+    env.timeout = (5.0, 0.5)
+    if kind == "error":
+        env.pve.fail(method, path, nth=nth)
+    elif kind == "task":
+        env.pve.fail_task(method, path, nth=nth)
+    else:
+        env.pve.hang(method, path, nth=nth, seconds=1.0)
+    runs = 0
+    while True:
+        runs += 1
+        try:
+            outcome = env.deploy(swap=True)
+        except DeployError:
+            assert_invariants(env, disk)
+            assert runs < 3, "the rerun did not converge"
+            continue
+        break
+    assert outcome.outcome == "live"
+    live = assert_invariants(env, disk)
+    assert f"v-{env.versions:012x}" in live.config["tags"].split(";")
+    fired = [f for f in env.pve.faults.faults if f.fired]
+    assert fired, f"the fault at {name} never fired"
+
+
+class Interrupting:
+    """The provider, except that one call raises KeyboardInterrupt (the process killed mid-swap)."""
+
+    def __init__(self, inner: ProxmoxProvider, method: str, nth: int) -> None:
+        self.inner, self.method, self.nth, self.seen = inner, method, nth, 0
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self.inner, name)
+        if name != self.method:
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.seen += 1
+            if self.seen == self.nth:
+                raise KeyboardInterrupt
+            return target(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize(("method", "nth", "step"), [("attach_share", 2, "hand-photos"),
+                                                      ("move_disk", 1, "hand-postgres"),
+                                                      ("health_gate", 1, "health-gate")])
+def test_a_killed_swap_resumes_where_it_stopped(env: Env, method: str, nth: int, step: str) -> None:
+    first_deploy(env)
+    disk = env.disk()
+    env.build()
+    with pytest.raises(KeyboardInterrupt):
+        env.deploy(swap=True, provider=Interrupting(env.provider(), method, nth))
+    entry = env.journal.unfinished()
+    assert entry is not None and entry["current_done"] == step and entry["phase"] == "forward"
+    uploads, creates = len(env.pve.calls("POST", "/upload$")), len(env.pve.calls("POST", r"^/nodes/pve/qemu$"))
+    outcome = env.deploy(swap=True)
+    assert outcome.outcome == "live" and outcome.deploy_id == entry["id"]
+    assert len(env.pve.calls("POST", "/upload$")) == uploads
+    assert len(env.pve.calls("POST", r"^/nodes/pve/qemu$")) == creates
+    assert_invariants(env, disk)
+
+
+# --- bad input: one line, nothing created ------------------------------------------------------------------------
+
+
+def homelab(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line(result: Result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_an_image_not_built_is_one_line(env: Env) -> None:
+    text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
+    assert text.startswith("error: no image of intranet is built in ") and "homelab build image intranet" in text
+    assert writes(env.pve) == []
+
+
+def test_a_vmid_taken_by_a_vm_without_our_tags_is_one_line(env: Env) -> None:
+    env.build()
+    env.pve.state.vms[101] = Vm(101, "pve", {"name": "someone", "tags": "theirs"})
+    text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
+    assert text == ("error: preflight failed: vm intranet: VMID 101 is taken by 'someone' (not tagged homelab) -> "
+                    "choose a free hosts.intranet.vmid")
+    assert writes(env.pve) == []
+
+
+def test_a_missing_data_volume_is_one_line(env: Env) -> None:
+    env.build()
+    del env.pve.state.storages["local-zfs"].volumes[DISK]
+    text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
+    assert text == (f"error: data volume postgres: {DISK} does not exist (hosts.intranet.volumes.postgres.volid): "
+                    "create it (zfs create -V) or fix the site file")
+    assert writes(env.pve) == []
+
+
+def test_a_data_volume_missing_from_the_site_is_one_line(env: Env, tmp_path: Path) -> None:
+    env.build()
+    path = tmp_path / "site-no-volume.yaml"
+    path.write_text(site_text(env.pve, volumes="postgres: {mapping: postgres}"))
+    text = one_line(homelab("deploy", ROLE, "--site", str(path)))
+    assert text == f"error: site file {path}: hosts.intranet.volumes.postgres: postgres is a disk: give volid"
+    assert writes(env.pve) == []
+
+
+def test_a_storage_without_import_is_one_line(env: Env) -> None:
+    env.build()
+    env.pve.state.storages["local"].content.discard("import")
+    text = one_line(homelab("deploy", ROLE, "--site", str(env.site.path)))
+    assert text.startswith("error: preflight failed: storage import: local does not hold content import")
+    assert writes(env.pve) == []
+
+
+def test_a_swap_without_a_live_vm_is_one_line(env: Env) -> None:
+    env.build()
+    text = one_line(homelab("deploy", ROLE, "--swap", "--site", str(env.site.path)))
+    assert text == "error: no VM of intranet is tagged live: deploy without --swap first"
+    assert writes(env.pve) == []
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    before = len(writes(env.pve))
+    result = homelab("deploy", ROLE, "--swap", "--dry-run", "--site", str(env.site.path),
+                     "--secrets", str(FIXTURES / "test-secrets.yaml"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "blue-green swap" in out and "VM 102 replacing VM 101" in out
+    assert f"volume postgres: disk scsi1 = {DISK} -> /srv/postgres" in out
+    assert "move_disk scsi1 of VM 101 to VM 102" in out and "-- cutover" in out
+    assert "on a failure from the cutover on (automatic rollback):" in out
+    assert len(writes(env.pve)) == before
+
+
+def test_status_and_history_read_the_journal(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    env.deploy(swap=True)
+    result = homelab("status", ROLE)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("intranet: live VM 102, version ")
+    assert re.search(r"swap v[0-9a-f]+ VM 102 \(from VM 101\): live, downtime \d+\.\d s", result.output)
+    history = homelab("history", ROLE)
+    assert history.exit_code == 0 and len(history.output.strip().splitlines()) == 2
