@@ -632,8 +632,13 @@ class LocalProvider:
         record = self._record(vmid)
         model, current_mac, options = parse_net(record["config"]["net0"])
         running = self.state(vmid)
-        if mac is not None and mac.lower() != (current_mac or "").lower() and running is not None:
-            raise DeployError(f"local VM {vmid} is running: its MAC cannot change")
+        if mac is not None and mac.lower() != (current_mac or "").lower():
+            if running is not None:
+                raise DeployError(f"local VM {vmid} is running: its MAC cannot change")
+            if mac.lower() != bridge_mac(self.role):
+                # QEMU gives the bridge NIC the role's MAC (localvm._nic_argv), which the guest's network config
+                # is pinned to: every local VM of the role already has the MAC blue has.
+                raise DeployError(f"local VMs of {self.role} all have the MAC {bridge_mac(self.role)}, not {mac}")
         options.pop("link_down", None)
         if not up:
             options["link_down"] = "1"

@@ -171,9 +171,11 @@ def test_nothing_moves_in_or_out_of_a_running_vm_but_a_disk_is_hot_plugged(
 
 def test_identity_takes_the_mac_and_link_state(settings: Settings, provider: lp.LocalProvider) -> None:
     provider.create_vm(_spec(settings, 101, link_down=True))
-    provider.set_link(101, True, mac="52:54:00:12:34:56")
+    provider.set_link(101, True, mac=lp.bridge_mac(ROLE).upper())  # blue's MAC, as the engine reads it
     vm = provider.vm(101)
-    assert vm is not None and vm.config["net0"] == "virtio=52:54:00:12:34:56,bridge=br-test"
+    assert vm is not None and vm.config["net0"] == f"virtio={lp.bridge_mac(ROLE).upper()},bridge=br-test"
+    with pytest.raises(DeployError, match="all have the MAC"):
+        provider.set_link(101, True, mac="52:54:00:12:34:56")
     provider.set_tags(101, ("homelab", "live"))
     vm = provider.vm(101)
     assert vm is not None and vm.tags == {"homelab", "live"}
