@@ -606,7 +606,13 @@ class _Runner:
             except HomelabError as exc:
                 if not self.plan.cleanup and not self.plan.rollback:
                     raise DeployError(f"deploy {self.plan.deploy_id} failed: {exc} (rerun to resume)") from None
-                cut = [s.name for s in self.plan.steps].index(self.plan.cutover)
+                names = [s.name for s in self.plan.steps]
+                if "health-gate" in names and names.index(self._failed_step()) > names.index("health-gate"):
+                    # Green passed its health gate and serves: what is left (snapshot, tags, pruning) is retried
+                    # by the rerun, never rolled back.
+                    raise DeployError(f"deploy {self.plan.deploy_id}: VM {self.plan.vmid} serves, but "
+                                      f"{self._failed_step()} failed: {exc} (rerun to finish)") from None
+                cut = names.index(self.plan.cutover)
                 started_cutover = any(s.name in self.entry["done"] for s in self.plan.steps[cut:]) or \
                     self._failed_step() in [s.name for s in self.plan.steps[cut:]]
                 self.entry["error"] = f"{self._failed_step()}: {exc}"

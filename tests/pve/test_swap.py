@@ -115,8 +115,10 @@ class Env:
 
     def deploy(self, swap: bool, provider: Any = None) -> Outcome:
         provider = provider or self.provider()
+        # Each build comes with its own seed (as a new image's instance-id would): both uploads happen.
+        seed = Seed(SEED.user_data, f"instance-id: intranet-{self.versions}\n", SEED.network_config)
         plan, _ = deploy.resume_or_plan(self.settings, self.site, ROLE, None, swap, provider=provider,
-                                        journal=self.journal, seed=SEED)
+                                        journal=self.journal, seed=seed)
         return deploy.execute(plan, provider, self.journal)
 
     def disk(self) -> Volume:
@@ -175,12 +177,13 @@ def holds_all_data(vm: Vm, disk: Volume) -> bool:
             and all(vm.config.get(key, "").split(",")[0] == name for name, key in SHARES.items()))
 
 
-def assert_invariants(env: Env, disk: Volume) -> Vm:
-    """No data volume lost; one VM serves, running, with every data volume; no share on two VMs."""
+def assert_invariants(env: Env, disk: Volume, finished: bool = True) -> Vm:
+    """No data volume lost; one VM serves (running, with every data volume; tagged live once a deploy finished);
+    no share on two VMs."""
     storage = env.pve.state.storages["local-zfs"]
     assert storage.volumes.get(disk.volid) is disk, "the data disk was deleted"
     assert not env.pve.calls("DELETE", r"/storage/.*/content/"), "a volume was deleted"
-    live = env.live()
+    live = env.live() if finished else [vm for vm in env.pve.state.vms.values() if vm.status == "running"]
     assert len(live) == 1, [vm.config.get("tags") for vm in env.pve.state.vms.values()]
     assert live[0].status == "running"
     assert holds_all_data(live[0], disk), live[0].config
@@ -367,7 +370,7 @@ def test_a_fault_at_any_step_loses_nothing_and_a_rerun_converges(env: Env, name:
         try:
             outcome = env.deploy(swap=True)
         except DeployError:
-            assert_invariants(env, disk)
+            assert_invariants(env, disk, finished=env.journal.unfinished() is None)
             assert runs < 3, "the rerun did not converge"
             continue
         break
@@ -376,6 +379,22 @@ def test_a_fault_at_any_step_loses_nothing_and_a_rerun_converges(env: Env, name:
     assert f"v-{env.versions:012x}" in live.config["tags"].split(";")
     fired = [f for f in env.pve.faults.faults if f.fired]
     assert fired, f"the fault at {name} never fired"
+
+
+def test_a_failure_during_the_rollback_is_resumed_by_the_rerun(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.guests.healthy = False
+    env.build()
+    env.pve.fail("POST", r"/qemu/102/move_disk$")  # the hand-back of the data disk
+    with pytest.raises(DeployError, match=r"then rollback failed at hand-back-postgres: .*injected failure "
+                                          r"\(rerun to resume the rollback\)"):
+        env.deploy(swap=True)
+    assert env.journal.unfinished() is not None and disk.vmid == 102
+    with pytest.raises(DeployError, match=r"failed at health-gate: .*; rolled back to VM 101"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, disk) is blue
+    assert env.journal.unfinished() is None
 
 
 class Interrupting:
