@@ -292,11 +292,12 @@ class LocalProvider:
         return name
 
     def volume_exists(self, volid: str) -> bool:
+        """A local disk of the definition exists or is made (empty, once) when the first VM is created."""
         try:
-            name = self._disk_name(volid)
+            self._disk_name(volid)
         except DeployError:
             return False
-        return lv.disk_path(self.settings, self.role, name).exists()
+        return True
 
     def owned_volumes(self, vmid: int) -> list[str]:
         """What destroy_vm frees: the VM's root overlay only (data volumes live outside its directory)."""
@@ -673,11 +674,10 @@ class LocalProvider:
 def plan_local(settings: Settings, role: str, site_path: Path, secrets_path: Path | None, *, image: Path | None = None,
                swap: bool = False, bridge: str | None = None, accel: str | None = None, memory_mb: int | None = None,
                keep: int = KEEP_ROLLBACKS) -> tuple[DeployPlan, bool, LocalProvider, Journal]:
-    """The deploy engine's plan (or the unfinished one it resumes) for this machine: the data volumes made if
-    missing (never remade), the site completed for a local deploy, the seed of a local VM, the local journal."""
+    """The deploy engine's plan (or the unfinished one it resumes) for this machine: the site completed for a local
+    deploy, the seed of a local VM, the local journal. The data volumes are made (once) when a VM is created."""
     site = load_site(site_path)
     provider = LocalProvider(settings, role, user=site.admin_user, bridge=bridge, accel=accel, memory_mb=memory_mb)
-    lv.ensure_volumes(settings, role, list(provider.volumes.values()))
     seed = local_seed(settings, site, role, load_secrets(secrets_path), bridge)
     journal = Journal(journal_path(settings, role))
     plan, resumed = resume_or_plan(settings, site_for_local_deploy(settings, site, role, bridge), role, image, swap,

@@ -30,6 +30,7 @@ def settings(tmp_path: Path) -> Settings:
     project = tmp_path / "project"
     shutil.copytree(PROJECT / "images", project / "images")
     shutil.copytree(PROJECT / "compose", project / "compose")
+    shutil.copytree(PROJECT / "cloudinit", project / "cloudinit")
     return Settings(project=project, build_dir=tmp_path / "build", cache_dir=tmp_path / "cache",
                     mirror="http://mirror.test/debian", security_mirror="http://mirror.test/debian-security")
 
@@ -277,3 +278,55 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
     assert lv.share_holders(lv.lock_path(settings, ROLE, "appdata"))["holder"] == {"vm": "intranet-101", "pid": 4245}
     state = json.loads((vmdir / "state.json").read_text())
     assert state["ssh_port"] == result["ssh_port"] and state["tap"] == "hl101-intranet"
+
+
+# --- `homelab rehearse` ---------------------------------------------------------------------------------------------
+
+
+def test_rehearse_dry_run_prints_the_engines_plan_and_starts_nothing(settings: Settings,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from click.testing import CliRunner
+
+    from builder.build import sha256_file
+    from builder.cli import main
+
+    role_dir = settings.build_dir / ROLE
+    role_dir.mkdir(parents=True)
+    (role_dir / "intranet-0123456789ab.qcow2").write_bytes(b"image")
+    (role_dir / "intranet-0123456789ab.manifest.json").write_text(json.dumps({
+        "version": "0123456789ab", "image": "intranet-0123456789ab.qcow2",
+        "sha256": sha256_file(role_dir / "intranet-0123456789ab.qcow2")}))
+    key = settings.build_dir / "ssh" / "id_ed25519"  # the tool's key exists: no ssh-keygen
+    key.parent.mkdir(parents=True)
+    key.write_text("private\n")
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKTyw7qlTCQ0cVhxqVa20CkFDXdHJ6FdTZ+djApxheZ2 local\n"
+    key.with_suffix(".pub").write_text(public)
+    monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])  # tested below, host-dependent
+    monkeypatch.setenv("HOMELAB_PROJECT", str(settings.project))
+    monkeypatch.setenv("HOMELAB_BUILD_DIR", str(settings.build_dir))
+    monkeypatch.setenv("HOMELAB_CACHE_DIR", str(settings.cache_dir))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        result = CliRunner().invoke(main, ["rehearse", ROLE, "--dry-run", "--site", str(SITE),
+                                           "--secrets", str(FIXTURES / "site" / "test-secrets.yaml")])
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert result.exit_code == 0, result.output
+    assert "first deploy, version 0123456789ab, VM 100" in result.output
+    assert "volume postgres: disk scsi1 = local:postgres -> /srv/postgres" in result.output
+    assert "volume media: share virtiofs2 = mapping media -> /srv/media (read-only)" in result.output
+    assert not (role_dir / "volumes").exists() and not list(role_dir.glob("vm-*"))
+
+
+def test_preflight_names_what_is_missing(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> str:
+        raise lp.HomelabError(f"{name} not found")
+
+    monkeypatch.setattr(lp, "require_tool", missing)
+    provider = lp.LocalProvider(settings, ROLE, bridge="no-such-bridge0")
+    failures = provider.preflight(ROLE)
+    assert "qemu-system-x86_64 not found" in failures
+    assert "bridge no-such-bridge0 does not exist (ip link add no-such-bridge0 type bridge)" in failures
