@@ -27,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,17 @@ def volumes_json(definition: ImageDefinition) -> str:
     entries = [{"name": v.name, "kind": v.kind, "mount": v.mount, "read_only": v.read_only}
                for v in volumes_of(definition)]
     return json.dumps({"volumes": entries}, indent=2) + "\n"
+
+
+def volume_tags_file(volumes: Mapping[str, Mapping[str, str | None]]) -> dict[str, str] | None:
+    """The cloud-init file naming each share's virtiofs tag where it is not the volume's name (Proxmox VE: the
+    directory mapping's ID, the site's hosts.<role>.volumes.<name>.mapping), for render_seed(extra_files=...);
+    None when every tag is the name (the local provider)."""
+    tags = {name: str(place["mapping"]) for name, place in sorted(volumes.items())
+            if place.get("mapping") and place["mapping"] != name}
+    if not tags:
+        return None
+    return {"path": TAGS_PATH, "permissions": "0644", "content": json.dumps(tags, indent=2, sort_keys=True) + "\n"}
 
 
 def marker_file(path: str, why: str) -> dict[str, str]:

@@ -368,3 +368,25 @@ def test_seed_carries_the_ephemeral_marker_only_when_asked() -> None:
 
     assert lv.EPHEMERAL_PATH not in paths([])
     assert paths([lv.EPHEMERAL_FILE])[lv.EPHEMERAL_PATH] == "0644"
+
+
+def test_proxmox_disk_without_serial_is_found_by_its_deploy_key(script: ModuleType,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second disk of the definition is scsi2 on every VM of the role (builder/deploy.volume_keys).
+    device = script.BY_ID / "scsi-0QEMU_QEMU_HARDDISK_drive-scsi2"
+    device.touch()
+    fake = FakeSystem({str(device): "ext4"})
+    monkeypatch.setattr(script.subprocess, "run", fake)
+    volumes = _volumes(("media", "share", "/srv/media", True), ("postgres", "disk", "/srv/postgres", False),
+                       ("redis", "disk", "/srv/redis", False))
+    (script.BY_ID / "virtio-postgres").touch()
+    script.mount_all(volumes, {})
+    assert ["mount", "-t", "ext4", "-o", "defaults", str(device), "/srv/redis"] in fake.calls
+
+
+def test_volume_tags_file_only_where_a_tag_is_not_the_name() -> None:
+    assert lv.volume_tags_file({"photos": {"volid": None, "mapping": "photos"}}) is None
+    entry = lv.volume_tags_file({"photos": {"volid": None, "mapping": "intranet-photos"},
+                                 "postgres": {"volid": "local-zfs:vm-101-disk-1", "mapping": None}})
+    assert entry is not None and entry["path"] == lv.TAGS_PATH
+    assert json.loads(entry["content"]) == {"photos": "intranet-photos"}
