@@ -400,10 +400,10 @@ class LocalProvider:
         cores = min(int(config["cores"]), os.cpu_count() or 1)
         name = self._vm_name(vmid)
         shares = self._shares(config)
-        for _key, share in shares:
-            lv.acquire_share(lv.lock_path(self.settings, self.role, share), name, os.getpid())
         tap, helpers = "", []
         try:
+            for _key, share in shares:  # first the locks: nothing starts while another VM holds a share
+                lv.acquire_share(lv.lock_path(self.settings, self.role, share), name, os.getpid())
             tap = self._create_tap(vmid) if self.bridge else ""
             sockets = []
             for _key, share in shares:

@@ -246,13 +246,20 @@ def delete_disk_snapshot(path: Path, snapshot: str) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie, exited but not yet reaped by the tool that started it, does not)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 @contextmanager

@@ -237,6 +237,7 @@ def test_a_share_held_by_another_running_vm_refuses_the_start(settings: Settings
     with pytest.raises(lv.ShareBusyError, match="share photos is held by the running VM intranet-100"):
         provider.start(101)
     assert started == []
+    assert lv.share_holders(lv.lock_path(settings, ROLE, "photos"))["holder"]["vm"] == "intranet-100"
 
 
 def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the_link(

@@ -390,3 +390,11 @@ def test_volume_tags_file_only_where_a_tag_is_not_the_name() -> None:
                                  "postgres": {"volid": "local-zfs:vm-101-disk-1", "mapping": None}})
     assert entry is not None and entry["path"] == lv.TAGS_PATH
     assert json.loads(entry["content"]) == {"photos": "intranet-photos"}
+
+
+def test_pid_alive_sees_this_process_and_not_a_free_pid() -> None:
+    import os
+
+    assert lv.pid_alive(os.getpid())
+    assert not lv.pid_alive(0)
+    assert not lv.pid_alive(2**22 + 1)  # above pid_max's ceiling: never a process
