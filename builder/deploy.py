@@ -398,12 +398,12 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
         Step("stop-green", "stop", {"vmid": vmid}, f"stop VM {vmid}"),
         Step("destroy-green", "destroy_checked", {"vmid": vmid}, f"delete VM {vmid} (it never held data)"),
     )
-    cut = _cutover(role, version, deploy_id, blue, vmid, volumes, keep)
+    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep)
     return DeployPlan(role, "swap", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path), seed_sha,
                       vmid, blue, tuple(volumes), tuple(steps + cut[0]), cleanup, cut[1], cut[0][0].name)
 
 
-def _cutover(role: str, version: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume],
+def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume],
              keep: int) -> tuple[list[Step], tuple[Step, ...]]:
     """The cutover from blue to green and its rollback (shared by swap and `homelab rollback`)."""
     disks = [v for v in volumes if v.kind == "disk"]
@@ -510,7 +510,7 @@ def plan_rollback(settings: Settings, site: Site, role: str, *, provider: Provid
     volumes = _volumes_on(live, volume_keys(role, load_role(settings.project, role)["volumes"], site))
     deploy_id = new_deploy_id()
     version = tag_value(previous.tags, "v-") or "unknown"
-    steps, rollback = _cutover(role, version, deploy_id, live.vmid, previous.vmid, volumes, KEEP_ROLLBACKS)
+    steps, rollback = _cutover(role, deploy_id, live.vmid, previous.vmid, volumes, KEEP_ROLLBACKS)
     steps = [s for s in steps if s.name != "prune"]
     return DeployPlan(role, "rollback", deploy_id, version, "", "", "", "", previous.vmid, live.vmid,
                       tuple(volumes), tuple(steps), (), rollback, steps[0].name)
@@ -779,7 +779,7 @@ class _Runner:
         if "green_started" not in self.entry["marks"]:
             return {"vmid": vmid, "restored": False, "why": "never started with the data"}
         if name not in self.provider.snapshots(vmid):
-            if self.entry.get("rolled", {}).get("restore-snapshot") is None and "snapshot-data" in self.entry["done"]:
+            if "snapshot-data" in self.entry["done"]:
                 raise DeployError(f"snapshot {name} of VM {vmid} is gone: the data cannot be restored")
             return {"vmid": vmid, "restored": False, "why": "no snapshot"}
         return {"restored": True, **self.provider.rollback_snapshot(vmid, name)}

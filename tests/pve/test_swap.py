@@ -526,3 +526,7 @@ def test_status_and_history_read_the_journal(env: Env) -> None:
     assert re.search(r"swap v[0-9a-f]+ VM 102 \(from VM 101\): live, downtime \d+\.\d s", result.output)
     history = homelab("history", ROLE)
     assert history.exit_code == 0 and len(history.output.strip().splitlines()) == 2
+    back = homelab("rollback", ROLE, "--site", str(env.site.path))
+    assert back.exit_code == 0, back.output
+    assert back.output.strip().splitlines()[-1].startswith(f"intranet: VM 101 live again, version {1:012x}")
+    assert assert_invariants(env, env.disk()).vmid == 101
