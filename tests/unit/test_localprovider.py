@@ -284,21 +284,46 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
 # --- `homelab rehearse` ---------------------------------------------------------------------------------------------
 
 
+def _fake_build(settings: Settings) -> Path:
+    from builder.build import sha256_file
+
+    role_dir = settings.build_dir / ROLE
+    role_dir.mkdir(parents=True, exist_ok=True)
+    (role_dir / "intranet-0123456789ab.qcow2").write_bytes(b"image")
+    (role_dir / "intranet-0123456789ab.manifest.json").write_text(json.dumps({
+        "version": "0123456789ab", "image": "intranet-0123456789ab.qcow2",
+        "sha256": sha256_file(role_dir / "intranet-0123456789ab.qcow2")}))
+    return role_dir
+
+
+def test_the_deploys_seed_names_share_tags_that_differ_from_the_volume_names(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from builder.cloudinit import read_seed_iso
+    from builder.deploy import plan_deploy
+
+    _fake_build(settings)
+    monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])
+    site = lp.site_for_local_deploy(settings, load_site(SITE), ROLE, None)
+    host = site.host(ROLE)
+    volumes = {**host.volumes, "photos": {"volid": None, "mapping": "intranet-photos"}}
+    site = dataclasses.replace(site, hosts={**site.hosts, ROLE: dataclasses.replace(host, volumes=volumes)})
+    plan = plan_deploy(settings, site, ROLE, None, False, provider=lp.LocalProvider(settings, ROLE),
+                       secrets_path=FIXTURES / "site" / "test-secrets.yaml")
+    user_data = read_seed_iso(Path(plan.seed)).user_data
+    assert lv.TAGS_PATH in user_data and "intranet-photos" in user_data
+
+
 def test_rehearse_dry_run_prints_the_engines_plan_and_starts_nothing(settings: Settings,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
     from click.testing import CliRunner
 
-    from builder.build import sha256_file
     from builder.cli import main
 
-    role_dir = settings.build_dir / ROLE
-    role_dir.mkdir(parents=True)
-    (role_dir / "intranet-0123456789ab.qcow2").write_bytes(b"image")
-    (role_dir / "intranet-0123456789ab.manifest.json").write_text(json.dumps({
-        "version": "0123456789ab", "image": "intranet-0123456789ab.qcow2",
-        "sha256": sha256_file(role_dir / "intranet-0123456789ab.qcow2")}))
+    role_dir = _fake_build(settings)
     key = settings.build_dir / "ssh" / "id_ed25519"  # the tool's key exists: no ssh-keygen
     key.parent.mkdir(parents=True)
     key.write_text("private\n")
