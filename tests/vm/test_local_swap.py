@@ -63,6 +63,7 @@ class Rehearsal:
     project: Path
     vmids: list[int] = field(default_factory=list)  # first, second, broken
     saved: dict[Path, str] = field(default_factory=dict)
+    first_manifest: Path | None = None  # the unchanged project's build, made the newest again at the end
 
     def provider(self) -> LocalProvider:
         return LocalProvider(self.settings, ROLE, bridge=self.bridge, memory_mb=MEMORY_MB)
@@ -132,6 +133,9 @@ class TestLocalSwap:
         finally:
             for path, text in run.saved.items():  # the session's project copy back as it was
                 path.write_text(text)
+            if run.first_manifest is not None and run.first_manifest.exists():
+                # Later tests boot the role's newest build: the unchanged project's again, not the broken one.
+                os.utime(run.first_manifest)
             keep = os.environ.get("HOMELAB_KEEP_VM", "")
             if keep == "always" or (keep == "on_error" and request.cls.failed):
                 print(f"\nkeeping the local VMs of {ROLE}: {settings.role_dir(ROLE)}/vm-*/ssh_config")
@@ -140,6 +144,9 @@ class TestLocalSwap:
 
     def test_first_deploy_mounts_the_volumes_and_serves(self, rehearsal: Rehearsal) -> None:
         rehearsal.build()
+        first = latest_build(rehearsal.settings, ROLE)
+        assert first is not None
+        rehearsal.first_manifest = Path(first["manifest_path"])
         plan, provider, journal = rehearsal.plan(swap=False)
         assert plan.kind == "first"
         outcome = execute(plan, provider, journal, on_step=_echo)
