@@ -27,6 +27,7 @@ from .compose import check_stack
 from .definition import ImageDefinition, load_role
 from .errors import BuildError, CommandFailedError, NotRootError
 from .firewall import RULESET_DEST, ruleset
+from .localvolumes import VOLUMES_DEST, volumes_json
 from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository, skopeo_argv
 from .progress import Reporter, Silent
 from .runner import describe, require_tool, run, run_streaming
@@ -127,8 +128,12 @@ def baked_sources(definition: ImageDefinition, project: Path) -> dict[str, tuple
 
 
 def generated_files(definition: ImageDefinition) -> dict[str, tuple[bytes, str]]:
-    """Destination in the image -> (content, mode) for what the build writes from the definition itself."""
-    return {RULESET_DEST: (ruleset(definition).encode(), "0644")}
+    """Destination in the image -> (content, mode) for what the build writes from the definition itself: the
+    firewall's ruleset and the data volumes homelab-volumes.service mounts (images/files/common/homelab-volumes)."""
+    files = {RULESET_DEST: (ruleset(definition).encode(), "0644")}
+    if definition["volumes"]:
+        files[VOLUMES_DEST] = (volumes_json(definition).encode(), "0644")
+    return files
 
 
 def baked_hashes(definition: ImageDefinition, project: Path) -> dict[str, str]:

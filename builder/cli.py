@@ -181,6 +181,45 @@ def down_cmd(state: State, role: str, timeout: float) -> None:
     click.echo(f"{role}: powered down" if localvm.stop(state.settings, role, timeout) else f"{role}: not running")
 
 
+@main.command("rehearse")
+@click.argument("role")
+@click.option("--swap", is_flag=True, help="Blue-green: replace the local live VM, handing its data volumes over.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="A qcow2 (default: the latest build).")
+@click.option("--bridge", default=None, metavar="BRIDGE",
+              help="Put the VMs' NIC on this host bridge with the site's address (isolated green: link down).")
+@accel_option
+@click.option("--memory", "memory_mb", type=int, default=None, help="MiB per VM (default: the definition's, at most "
+              "4096).")
+@click.option("--keep", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="Previous local VMs kept stopped for a rollback.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; start nothing.")
+@site_option
+@secrets_option
+@click.pass_obj
+@handle_errors
+def rehearse_cmd(state: State, role: str, swap: bool, image: str | None, bridge: str | None, accel: str | None,
+                 memory_mb: int | None, keep: int, dry_run: bool, site: str | None, secrets: str | None) -> None:
+    """Run ROLE's deploy (or --swap) on this machine with QEMU: the same plan as on Proxmox VE, local volumes in
+    build/ROLE/volumes/, its own journal. A rerun resumes an unfinished one."""
+    from .deploy import execute, pending_steps
+    from .localprovider import plan_local
+
+    plan, resumed, provider, journal = plan_local(
+        state.settings, role, state.settings.site_path(_path(site)), state.settings.secrets_path(_path(secrets)),
+        image=_path(image), swap=swap, bridge=bridge, accel=accel, memory_mb=memory_mb, keep=keep)
+    if dry_run:
+        click.echo(plan.describe())
+        if resumed:
+            click.echo("resuming; still to do: " + ", ".join(pending_steps(plan, journal)))
+        return
+    outcome = execute(plan, provider, journal, on_step=lambda text: click.echo(text, err=True))
+    downtime = f", downtime {outcome.downtime_s:.1f} s" if outcome.downtime_s is not None else ""
+    vm_state = provider.state(outcome.vmid)
+    click.echo(f"{role}: local VM {outcome.vmid} live, version {plan.version}{downtime}")
+    if vm_state is not None:
+        click.echo(f"ssh in:    ssh -F {vm_state.ssh_config} {vm_state.ssh_alias}")
+
+
 @main.command("verify")
 @click.argument("role")
 @site_option

@@ -166,9 +166,12 @@ def render_seed(
     networks: Sequence[HostNetwork] | None = None,
     extra_ssh_keys: Sequence[str] = (),
     extra_zones: Mapping[str, Sequence[str]] | None = None,
+    extra_files: Sequence[Mapping[str, str]] = (),
 ) -> Seed:
     """The three NoCloud files for `role`; `networks` replace the site's address and `extra_zones` adds
-    networks to firewall zones (local QEMU boots: the host reaching the VM through QEMU's user network)."""
+    networks to firewall zones (local QEMU boots: the host reaching the VM through QEMU's user network);
+    `extra_files` ({path, permissions, content}) are written beside the host's files (the data volumes' markers,
+    builder/localvolumes.py)."""
     definition = load_role(project, role)  # an unknown role fails here, naming the known ones
     # The stack's secrets must be present and strong before anything boots (the lock is the build's concern).
     check_stack(project, definition, site, secrets, require_lock=False)
@@ -189,7 +192,8 @@ def render_seed(
         "secrets_env": secrets_env(role, secrets),
         "host_files": [*host_files(role, site, secrets),
                        *vpn_files(role, site, merged_secrets(role, secrets), definition["vpn_gateway"],
-                                  f"images/{role}.yaml")],
+                                  f"images/{role}.yaml"),
+                       *[dict(file) for file in extra_files]],
         "firewall_zones_path": ZONES_FILE,
         "firewall_zones": zones_file(site.zones, extra_zones),
     })

@@ -181,7 +181,8 @@ def load_role(project: Path, role: str) -> ImageDefinition:
 # cloud-init writes at boot (the firewall's zones, OpenVPN's secrets and site lines): a definition's file must not
 # replace them.
 RESERVED_DESTINATIONS = ("/etc/homelab/image.json", "/etc/homelab/baked.list", "/etc/homelab/firewall.nft",
-                         SITE_CONF, *(secret.path for secret in PEM_SECRETS))
+                         "/etc/homelab/volumes.json", "/etc/homelab/volumes.hold", "/etc/homelab/volumes.ephemeral",
+                         "/etc/homelab/volume-tags.json", SITE_CONF, *(secret.path for secret in PEM_SECRETS))
 RESERVED_TREES = ("/opt/homelab/compose/", "/var/lib/homelab/images/", "/etc/homelab/firewall.d/")
 
 

@@ -33,6 +33,7 @@ from .build import latest_build, manifest_of, sha256_file
 from .cloudinit import Seed, render_seed, write_seed_iso
 from .definition import load_role
 from .errors import DeployError, HomelabError
+from .localvolumes import volume_tags_file
 from .settings import Settings
 from .site import Site, load_secrets
 
@@ -368,7 +369,10 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
                                   f"{volume.name}.volid): create it (zfs create -V) or fix the site file")
         blue, vmid = None, host.vmid
     if seed is None:
-        seed = render_seed(settings.project, role, site, load_secrets(secrets_path))
+        # A share's virtiofs tag on Proxmox VE is its mapping ID: the guest reads them from volume-tags.json.
+        tags_file = volume_tags_file(host.volumes)
+        seed = render_seed(settings.project, role, site, load_secrets(secrets_path),
+                           extra_files=[tags_file] if tags_file else [])
     seed_path, seed_sha = seed_iso(settings, role, seed)
     deploy_id = new_deploy_id()
     version = str(manifest["version"])

@@ -14,6 +14,7 @@ import platform
 import signal
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from . import qmp
 from .build import latest_build, manifest_of
 from .cloudinit import HostNetwork, primary_address, render_seed, write_seed_iso
 from .errors import BootError, HomelabError
+from .localvolumes import EPHEMERAL_FILE
 from .progress import Reporter, Silent
 from .runner import require_tool, run, start
 from .settings import Settings
@@ -193,7 +195,9 @@ def _nic_argv(tap: str, role: str) -> list[str]:
     ]
 
 
-def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: int, tap: str = "") -> list[str]:
+def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: int, tap: str = "",
+              extra: Sequence[str] = ()) -> list[str]:
+    """QEMU for a run directory build/<role>/<run dir>; `extra` adds devices (the local provider's volumes)."""
     role = rundir.parent.name
     return [
         "qemu-system-x86_64",
@@ -220,6 +224,7 @@ def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: in
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
         "-pidfile", str(rundir / "qemu.pid"),
+        *extra,
     ]
 
 
@@ -331,11 +336,14 @@ def _boot_vm(settings: Settings, role: str, options: BootOptions, reporter: Repo
 
 def _prepare_run_dir(
     settings: Settings, role: str, rundir: Path, image: Path, site: Site, secrets: dict[str, dict[str, str]], key: Path,
-    networks: list[HostNetwork],
+    networks: list[HostNetwork], extra_files: Sequence[Mapping[str, str]] = (EPHEMERAL_FILE,),
 ) -> None:
+    # `homelab boot` attaches no data volumes: the image is told so (EPHEMERAL_FILE) and mounts none. The local
+    # provider (builder/localprovider.py) attaches them and passes its own markers.
     seed = render_seed(
         settings.project, role, site, secrets,
         networks=networks, extra_ssh_keys=[Path(f"{key}.pub").read_text().strip()], extra_zones=LOCAL_ZONES,
+        extra_files=extra_files,
     )
     rundir.mkdir(parents=True, exist_ok=True)
     for stale in ("overlay.qcow2", "serial.log", "qmp.sock", "qga.sock", "qemu.pid", "state.json"):

@@ -114,3 +114,15 @@ def test_firewall_is_loaded_with_the_zones(host: Host) -> None:
     assert "elements" in host.check_output("sudo nft list set inet homelab zone_lan")
     # Docker's own tables coexist with ours.
     assert "table ip nat" in host.check_output("sudo nft list tables")
+
+
+def test_data_volumes_unit_ran_before_the_stack(host: Host) -> None:
+    # The definition's volumes are baked; the unit mounted them (a deployed VM) or, on a throwaway `homelab boot`,
+    # mounted nothing by the seed's ephemeral marker. Either way it is active, never failed or skipped.
+    volumes = json.loads(host.file("/etc/homelab/volumes.json").content_string)["volumes"]
+    assert volumes, "the role's definition has volumes"
+    assert host.service("homelab-volumes.service").is_enabled
+    assert host.run("systemctl is-active homelab-volumes.service").stdout.strip() == "active"
+    if not host.file("/etc/homelab/volumes.ephemeral").exists:
+        mounts = host.check_output("findmnt -rn -o TARGET")
+        assert all(v["mount"] in mounts.split() for v in volumes), mounts

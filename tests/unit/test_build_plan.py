@@ -32,6 +32,7 @@ from builder.build import (
 from builder.definition import BASE_PACKAGES
 from builder.errors import BuildError
 from builder.firewall import RULESET_DEST, ruleset
+from builder.localvolumes import VOLUMES_DEST, volumes_json
 from builder.progress import Silent
 from builder.runner import describe
 from builder.settings import Settings
@@ -148,6 +149,8 @@ def test_plan_lists_every_baked_file_with_its_sha256(settings: Settings, plan: B
         f"{COMPOSE_DEST}/images.lock.json": plan.baked[f"{COMPOSE_DEST}/images.lock.json"],
         # Generated from the definition's port matrix, hashed like any baked file.
         RULESET_DEST: hashlib.sha256(ruleset(plan.definition).encode()).hexdigest(),
+        # The data volumes homelab-volumes.service mounts, generated from the definition's `volumes`.
+        VOLUMES_DEST: hashlib.sha256(volumes_json(plan.definition).encode()).hexdigest(),
     }
 
 
