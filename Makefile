@@ -4,14 +4,18 @@ HOMELAB := $(VENV)/bin/homelab
 PYTEST := $(VENV)/bin/pytest
 ROLES := intranet extranet
 
-.PHONY: setup test test-unit lint $(addprefix image-,$(ROLES)) $(addprefix boot-,$(ROLES)) \
+.PHONY: setup test test-rehearsal test-unit lint $(addprefix image-,$(ROLES)) $(addprefix boot-,$(ROLES)) \
         $(addprefix verify-,$(ROLES)) $(addprefix down-,$(ROLES)) $(addprefix render-,$(ROLES))
 
 setup:
 	./setup.sh
 
 test:
-	$(PYTEST) tests
+	$(PYTEST) -m "not rehearsal" tests
+
+# The local swap end to end (tests/vm/test_local_swap.py): five boots, about 30 minutes under TCG.
+test-rehearsal:
+	$(PYTEST) -m rehearsal tests/vm
 
 test-unit:
 	$(PYTEST) -m "not vm and not host" tests

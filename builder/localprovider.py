@@ -360,6 +360,10 @@ class LocalProvider:
         self._save(spec.vmid, {"vmid": spec.vmid, "image": spec.image_volid, "config": config})
         return {"vmid": spec.vmid, "dir": str(vmdir)}
 
+    def mappings(self) -> set[str]:
+        """A local share's "directory mapping" is its volume name (its directory under build/<role>/volumes/)."""
+        return {name for name, volume in self.volumes.items() if volume.kind == "share"}
+
     def _share_volume(self, mapping: str) -> lv.Volume:
         volume = self.volumes.get(mapping)
         if volume is None or volume.kind != "share":

@@ -305,6 +305,9 @@ def test_the_deploys_seed_names_share_tags_that_differ_from_the_volume_names(
 
     _fake_build(settings)
     monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])
+    # A mapping named unlike its volume, as on Proxmox: the provider is told it exists (the deploy checks that).
+    monkeypatch.setattr(lp.LocalProvider, "mappings", lambda self: {"intranet-photos", "appdata", "media",
+                                                                    "backups", "logs"})
     site = lp.site_for_local_deploy(settings, load_site(SITE), ROLE, None)
     host = site.host(ROLE)
     volumes = {**host.volumes, "photos": {"volid": None, "mapping": "intranet-photos"}}

@@ -29,7 +29,7 @@ from tests.netlab import ZoneNetwork
 
 from .conftest import TEST_SECRETS, TEST_SITE, homelab
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.rehearsal]
 
 ROLE = "intranet"
 MEMORY_MB = 3072  # two intranet VMs run at once while green is verified
