@@ -53,6 +53,7 @@ def timed(func: Callable[[], T]) -> tuple[float, T]:
 
 def report(rows: list[tuple[str, float]], ratio_name: str, numerator: float, denominator: float, goal: str) -> None:
     width = max(len(name) for name, _ in rows)
-    for name, seconds in rows:
-        print(f"{name:<{width}}  {seconds:7.1f} s")
+    for name, value in rows:
+        unit = "" if "MiB" in name else " s"  # sizes are labelled "... MiB"; everything else is seconds
+        print(f"{name:<{width}}  {value:7.1f}{unit}")
     print(f"{ratio_name}: {numerator / denominator:.2f}x (goal {goal})")

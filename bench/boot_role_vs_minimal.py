@@ -82,7 +82,9 @@ def main(role: str = "extranet") -> None:
             (f"{role}: ssh", role_ssh), (f"{role}: cloud-init done", role_ci), (f"{role}: all healthy", role_healthy)],
            "boot-to-ssh role / minimal", role_ssh, minimal_ssh, "<= 1.5x")
     print(f"boot-to-cloud-init-done role / minimal: {role_ci / minimal_ci:.2f}x (goal <= 1.5x)")
-    print(f"boot-to-all-healthy role / minimal: {role_healthy / minimal_healthy:.2f}x (goal <= 1.5x)")
+    # No goal is set for this one: it is what the role's stack costs on top of the base boot (the stand-ins'
+    # images loaded from the image, never pulled: the VM has no route to a registry).
+    print(f"boot-to-all-healthy role / minimal: {role_healthy / minimal_healthy:.2f}x")
     print(f"image size role / minimal: {role_mib / minimal_mib:.2f}x")
 
 
