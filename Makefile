@@ -5,7 +5,8 @@ PYTEST := $(VENV)/bin/pytest
 ROLES := intranet extranet
 
 .PHONY: setup test test-rehearsal test-unit lint $(addprefix image-,$(ROLES)) $(addprefix boot-,$(ROLES)) \
-        $(addprefix verify-,$(ROLES)) $(addprefix down-,$(ROLES)) $(addprefix render-,$(ROLES))
+        $(addprefix verify-,$(ROLES)) $(addprefix down-,$(ROLES)) $(addprefix render-,$(ROLES)) \
+        $(addprefix up-,$(ROLES)) $(addprefix status-,$(ROLES)) $(addprefix logs-,$(ROLES)) backup
 
 setup:
 	./setup.sh
@@ -24,6 +25,18 @@ lint:
 	$(VENV)/bin/ruff check builder tests bench images/files/intranet/homelab-backup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict images/files/intranet/homelab-backup
+
+$(addprefix up-,$(ROLES)): up-%:
+	$(HOMELAB) deploy $* --swap
+
+$(addprefix status-,$(ROLES)): status-%:
+	$(HOMELAB) status $*
+
+$(addprefix logs-,$(ROLES)): logs-%:
+	$(HOMELAB) logs $*
+
+backup:
+	$(HOMELAB) backup intranet run
 
 $(addprefix image-,$(ROLES)): image-%:
 	$(HOMELAB) build image $*

@@ -169,6 +169,32 @@ def boot_cmd(state: State, role: str, site: str | None, secrets: str | None, acc
     click.echo(f"power off: homelab down {role}")
 
 
+@main.command("logs")
+@click.argument("role")
+@click.option("--lines", type=int, default=100, show_default=True, help="Lines per unit and per container.")
+@click.option("--host", default=None, metavar="ssh://user@host[:port]", help="A VM elsewhere (default: the local VM).")
+@click.pass_obj
+@handle_errors
+def logs_cmd(state: State, role: str, lines: int, host: str | None) -> None:
+    """The stack's units' journal and its containers' logs on ROLE's VM."""
+    from . import ops
+
+    click.echo(ops.stack_logs(state.settings, role, lines, host), nl=False)
+
+
+@main.command("backup")
+@click.argument("role")
+@click.argument("action", type=click.Choice(["run", "verify", "snapshots"]), default="run")
+@click.option("--host", default=None, metavar="ssh://user@host[:port]", help="A VM elsewhere (default: the local VM).")
+@click.pass_obj
+@handle_errors
+def backup_cmd(state: State, role: str, action: str, host: str | None) -> None:
+    """Back ROLE up now (run), run the restore test now (verify), or list the snapshots."""
+    from . import ops
+
+    click.echo(ops.backup(state.settings, role, action, host), nl=False)
+
+
 @main.command("down")
 @click.argument("role")
 @click.option("--timeout", type=float, default=60, show_default=True, help="Seconds to wait for ACPI shutdown.")
