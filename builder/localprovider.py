@@ -60,8 +60,6 @@ from .deploy import (
 )
 from .errors import BootError, DeployError, HomelabError
 from .localvm import (
-    KERNEL_MARKERS,
-    KVM_PROBE_SECONDS,
     LOCAL_ZONES,
     VMState,
     _alive,
@@ -73,6 +71,7 @@ from .localvm import (
     choose_accel,
     ensure_ssh_key,
     guest_networks,
+    kernel_runs,
     qemu_argv,
     remember_kvm_hangs,
 )
@@ -378,21 +377,12 @@ class LocalProvider:
             return {"vmid": vmid, "already": "running"}
         accel = self.accel or choose_accel(self.settings, None)
         state = self._launch(vmid, record, accel)
-        if accel == "kvm" and self.accel is None and not self._kernel_runs(state):
+        if accel == "kvm" and self.accel is None and not kernel_runs(state):
             # /dev/kvm answered but the guest printed nothing: KVM guests hang here (see localvm). Remember, use TCG.
             self._halt(vmid, state, graceful=False)
             remember_kvm_hangs(self.settings)
             state = self._launch(vmid, record, "tcg")
         return {"vmid": vmid, "pid": state.pid, "accel": state.accel, "ssh_port": state.ssh_port}
-
-    def _kernel_runs(self, state: VMState) -> bool:
-        deadline = time.monotonic() + KVM_PROBE_SECONDS
-        while time.monotonic() < deadline:
-            text = state.serial_log.read_bytes().decode(errors="replace") if state.serial_log.exists() else ""
-            if any(marker in text for marker in KERNEL_MARKERS):
-                return True
-            time.sleep(0.5)
-        return False
 
     def _launch(self, vmid: int, record: dict[str, Any], accel: str) -> VMState:
         require_tool("qemu-system-x86_64")

@@ -377,18 +377,26 @@ def _state_path(state: VMState) -> Path:
     return Path(state.run_dir) / "state.json"
 
 
+def kernel_runs(state: VMState) -> bool:
+    """Whether the guest kernel printed on the serial console within KVM_PROBE_SECONDS (KVM guests that hang
+    print nothing)."""
+    deadline = time.monotonic() + KVM_PROBE_SECONDS
+    while time.monotonic() < deadline:
+        text = state.serial_log.read_bytes().decode(errors="replace") if state.serial_log.exists() else ""
+        if any(marker in text for marker in KERNEL_MARKERS):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def _start_qemu(settings: Settings, state: VMState, memory: int, cores: int, may_fall_back: bool,
                 reporter: Reporter) -> VMState:
     state = _launch(state, memory, cores)
     if state.accel != "kvm" or not may_fall_back:
         return state
     reporter.update("checking that the guest kernel runs under KVM")
-    deadline = time.monotonic() + KVM_PROBE_SECONDS
-    while time.monotonic() < deadline:
-        text = state.serial_log.read_bytes().decode(errors="replace") if state.serial_log.exists() else ""
-        if any(marker in text for marker in KERNEL_MARKERS):
-            return state
-        time.sleep(0.5)
+    if kernel_runs(state):
+        return state
     # /dev/kvm answered but the guest printed nothing: KVM guests hang here. Try TCG and remember.
     _kill(state.pid)
     remember_kvm_hangs(settings)

@@ -7,9 +7,7 @@ the emulator's request log holds no POST, PUT or DELETE after it.
 from __future__ import annotations
 
 import hashlib
-import logging
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +24,6 @@ from .state import Vm
 GiB = 1024**3
 
 
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main` calls logging.basicConfig with the runner's stderr: leave the root logger as it was."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,14 +126,6 @@ class Env:
 
     def live(self) -> list[Vm]:
         return [vm for vm in self.pve.state.vms.values() if "live" in vm.config.get("tags", "").split(";")]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 def site_text(pve: PveEmulator, volumes: str = f'postgres: {{volid: "{DISK}"}}') -> str:
