@@ -71,9 +71,8 @@ from .localvm import (
     choose_accel,
     ensure_ssh_key,
     guest_networks,
-    kernel_runs,
+    launch_with_fallback,
     qemu_argv,
-    remember_kvm_hangs,
 )
 from .runner import require_tool, run, start
 from .settings import Settings
@@ -376,12 +375,9 @@ class LocalProvider:
         if self.state(vmid) is not None:
             return {"vmid": vmid, "already": "running"}
         accel = self.accel or choose_accel(self.settings, None)
-        state = self._launch(vmid, record, accel)
-        if accel == "kvm" and self.accel is None and not kernel_runs(state):
-            # /dev/kvm answered but the guest printed nothing: KVM guests hang here (see localvm). Remember, use TCG.
-            self._halt(vmid, state, graceful=False)
-            remember_kvm_hangs(self.settings)
-            state = self._launch(vmid, record, "tcg")
+        state = launch_with_fallback(self.settings, accel, self.accel is None,
+                                     lambda chosen: self._launch(vmid, record, chosen),
+                                     lambda running: self._halt(vmid, running, graceful=False))
         return {"vmid": vmid, "pid": state.pid, "accel": state.accel, "ssh_port": state.ssh_port}
 
     def _launch(self, vmid: int, record: dict[str, Any], accel: str) -> VMState:

@@ -14,8 +14,8 @@ import platform
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +187,12 @@ def bridge_mac(role: str) -> str:
 
 def _nic_argv(tap: str, role: str) -> list[str]:
     if not tap:
-        return ["-device", "virtio-net-pci,netdev=net0"]
+        return ["-device", "virtio-net-pci,netdev=net0,romfile="]
+    # romfile= : no iPXE option ROM, the VMs never boot from the network.
     return [
-        "-device", f"virtio-net-pci,netdev=net0,mac={USER_NIC_MAC}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={USER_NIC_MAC},romfile=",
         "-netdev", f"tap,id=net1,ifname={tap},script=no,downscript=no",
-        "-device", f"virtio-net-pci,netdev=net1,mac={bridge_mac(role)}",
+        "-device", f"virtio-net-pci,netdev=net1,mac={bridge_mac(role)},romfile=",
     ]
 
 
@@ -210,7 +211,10 @@ def qemu_argv(rundir: Path, accel: str, memory_mb: int, cores: int, ssh_port: in
         "-nodefaults",
         "-display", "none",
         "-serial", f"file:{rundir / 'serial.log'}",
-        "-drive", f"file={rundir / 'overlay.qcow2'},if=virtio,format=qcow2,discard=unmap",
+        # The root disk is the boot device by name: with data disks attached (the local provider's) SeaBIOS would
+        # otherwise try a blank one first, then the NICs' iPXE, and hang silently (nothing reaches the serial).
+        "-drive", f"file={rundir / 'overlay.qcow2'},if=none,id=root,format=qcow2,discard=unmap",
+        "-device", "virtio-blk-pci,drive=root,bootindex=0",
         "-drive", f"file={rundir / 'seed.iso'},media=cdrom,if=ide,readonly=on",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         *_nic_argv(tap, role),
@@ -389,19 +393,32 @@ def kernel_runs(state: VMState) -> bool:
     return False
 
 
+def launch_with_fallback(settings: Settings, accel: str, may_fall_back: bool, launch: Callable[[str], VMState],
+                         halt: Callable[[VMState], object]) -> VMState:
+    """Launch under `accel`. Under a KVM nobody forced, fall back to TCG (and remember it for this host) when QEMU
+    dies starting or the guest kernel prints nothing: /dev/kvm answering does not mean KVM works (nested hosts:
+    guests hang silently, or QEMU aborts setting an MSR)."""
+    if accel != "kvm" or not may_fall_back:
+        return launch(accel)
+    try:
+        state = launch("kvm")
+    except BootError:
+        pass  # QEMU exited at start under KVM
+    else:
+        if kernel_runs(state):
+            return state
+        halt(state)
+    remember_kvm_hangs(settings)
+    return launch("tcg")
+
+
 def _start_qemu(settings: Settings, state: VMState, memory: int, cores: int, may_fall_back: bool,
                 reporter: Reporter) -> VMState:
-    state = _launch(state, memory, cores)
-    if state.accel != "kvm" or not may_fall_back:
-        return state
-    reporter.update("checking that the guest kernel runs under KVM")
-    if kernel_runs(state):
-        return state
-    # /dev/kvm answered but the guest printed nothing: KVM guests hang here. Try TCG and remember.
-    _kill(state.pid)
-    remember_kvm_hangs(settings)
-    state.accel = "tcg"
-    return _launch(state, memory, cores)
+    if state.accel == "kvm" and may_fall_back:
+        reporter.update("checking that the guest kernel runs under KVM")
+    return launch_with_fallback(settings, state.accel, may_fall_back,
+                                lambda accel: _launch(replace(state, accel=accel), memory, cores),
+                                lambda running: _kill(running.pid))
 
 
 def _kill(pid: int) -> None:

@@ -274,6 +274,9 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
                                                 ("media", vmdir / "fs-media.sock")]),
                     *lv.disk_qemu_argv("postgres", volumes / "postgres.qcow2", False), "-S"]
     assert "tap,id=net1,ifname=hl101-intranet,script=no,downscript=no" in qemu
+    # The root disk is the one boot device: SeaBIOS would otherwise try the blank data disk, then iPXE, and hang.
+    assert [a for a in qemu if "bootindex" in a] == ["virtio-blk-pci,drive=root,bootindex=0"]
+    assert all(a.endswith(",romfile=") for a in qemu if a.startswith("virtio-net-pci"))
     assert sent == [("set_link", {"name": "net1", "up": False}), ("cont", None)]
     assert result["pid"] == 4245
     assert lv.share_holders(lv.lock_path(settings, ROLE, "appdata"))["holder"] == {"vm": "intranet-101", "pid": 4245}
@@ -359,3 +362,26 @@ def test_preflight_names_what_is_missing(settings: Settings, monkeypatch: pytest
     failures = provider.preflight(ROLE)
     assert "qemu-system-x86_64 not found" in failures
     assert "bridge no-such-bridge0 does not exist (ip link add no-such-bridge0 type bridge)" in failures
+
+
+def test_a_kvm_that_kills_qemu_at_start_falls_back_to_tcg_and_is_remembered(settings: Settings,
+                                                                            provider: lp.LocalProvider) -> None:
+    from builder import localvm
+    from builder.errors import BootError
+
+    launched: list[str] = []
+
+    def launch(accel: str) -> localvm.VMState:
+        launched.append(accel)
+        if accel == "kvm":  # as measured here: "kvm_buf_set_msrs: Assertion ... failed", QEMU exits
+            raise BootError("QEMU did not start: failed to set MSR 0x10a")
+        return localvm.VMState(role=ROLE, pid=1, accel=accel, image="", version="", ssh_port=1, user="u",
+                               hostname="h", address="", run_dir=str(settings.build_dir))
+
+    state = localvm.launch_with_fallback(settings, "kvm", True, launch, lambda running: None)
+    assert (launched, state.accel) == (["kvm", "tcg"], "tcg")
+    assert "kvm-hangs" in json.loads((settings.cache_dir / "accel.json").read_text()).values()
+    launched.clear()
+    with pytest.raises(BootError, match="MSR"):  # forced KVM (--accel kvm) is not second-guessed
+        localvm.launch_with_fallback(settings, "kvm", False, launch, lambda running: None)
+    assert launched == ["kvm"]
