@@ -7,6 +7,9 @@
 A request goes through the steps PVE's API server takes, in its order: API token (401), path and method
 (501), fault injection, the schema's permission check (403), parameter verification (400), then the
 handler (handlers.py) under the state's lock. Runs in a thread of the test process: it starts no process.
+
+`python -m tests.pve.emulator` runs one in a process of its own (a bench, a manual session): it prints one JSON
+line (url, token as PVE_TOKEN takes it, fingerprint, ca_file) and serves until its stdin closes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -276,3 +280,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+
+def main() -> None:
+    with PveEmulator() as pve:
+        tokenid, secret = pve.token
+        print(json.dumps({"url": f"https://{pve.host}:{pve.port}", "token": f"{tokenid}={secret}",
+                          "fingerprint": pve.fingerprint, "ca_file": str(pve.ca_file)}), flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,13 +6,17 @@ so a large upload never sits in memory. Only what browsers and requests send is 
 
 from __future__ import annotations
 
+import io
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-CHUNK = 1 << 16
+CHUNK = 1 << 16  # fields and part headers
+# The file part. Small enough to stay in the CPU cache between TLS decrypting a block and writing it out:
+# 1 MiB blocks made the emulator's receiving measurably slower (bench/upload_vs_raw_post).
+FILE_BLOCK = 1 << 18
 
 
 @dataclass
@@ -29,7 +33,7 @@ class MultipartError(ValueError):
 
 
 class _Reader:
-    def __init__(self, stream: BinaryIO, length: int) -> None:
+    def __init__(self, stream: io.BufferedIOBase, length: int) -> None:
         self.stream, self.left, self.buffer = stream, length, b""
 
     def fill(self) -> bool:
@@ -51,18 +55,33 @@ class _Reader:
         return out
 
     def copy_until(self, marker: bytes, out: BinaryIO) -> int:
-        """Write everything before `marker` to `out`, keeping only a marker's length of bytes in memory."""
+        """Write everything before `marker` to `out`: the file part of an upload, the emulator's hot path.
+
+        The body is read into one reused buffer and written from it. Reading into fresh bytes and appending
+        them to the buffer cost two allocations and three copies per read: parsing 512 MiB took 0.33 s of CPU,
+        now 0.23 s. Only a marker's length minus one is carried over to the next read, in case it spans two.
+        """
+        keep = len(marker) - 1
+        block = bytearray(len(self.buffer) + FILE_BLOCK + len(marker))
+        view = memoryview(block)
+        filled = len(self.buffer)
+        block[:filled] = self.buffer
         written = 0
-        while (i := self.buffer.find(marker)) < 0:
-            keep = len(marker)
-            if len(self.buffer) > keep:
-                out.write(self.buffer[:-keep])
-                written += len(self.buffer) - keep
-                self.buffer = self.buffer[-keep:]
-            if not self.fill():
+        while (i := block.find(marker, 0, filled)) < 0:
+            cut = max(filled - keep, 0)
+            out.write(view[:cut])
+            written += cut
+            block[: filled - cut] = bytes(view[cut:filled])  # the carry (a copy: the ranges may overlap) to the front
+            filled -= cut
+            want = min(len(block) - filled, self.left)
+            got = self.stream.readinto(view[filled : filled + want]) if want > 0 else 0
+            if not got:
                 raise MultipartError("truncated multipart body")
-        out.write(self.buffer[:i])
-        self.buffer = self.buffer[i + len(marker):]
+            self.left -= got
+            filled += got
+        out.write(view[:i])
+        self.buffer = bytes(view[i + len(marker) : filled])
+        view.release()
         return written + i
 
     def take(self, n: int) -> bytes:
@@ -80,7 +99,7 @@ def boundary_of(content_type: str) -> bytes:
     return m[1].encode()
 
 
-def read_form(stream: BinaryIO, length: int, content_type: str, directory: Path) -> Form:
+def read_form(stream: io.BufferedIOBase, length: int, content_type: str, directory: Path) -> Form:
     """Parse the body; the (single) part with a filename goes to a temporary file in `directory`."""
     delimiter = b"\r\n--" + boundary_of(content_type)
     reader = _Reader(stream, length)

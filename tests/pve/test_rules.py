@@ -61,8 +61,12 @@ def test_faults_fire_once_on_the_nth_match() -> None:
     assert faults.take("GET", "/nodes/pve/tasks/x/status") is None
 
 
-def test_multipart_streams_the_file_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# File blocks smaller than, equal to and just above the delimiter (7 bytes): it spans two reads at every offset.
+@pytest.mark.parametrize("file_block", [1, 2, 5, 6, 7, 8, 13, 4096])
+def test_multipart_streams_the_file_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  file_block: int) -> None:
     monkeypatch.setattr(multipart, "CHUNK", 7)
+    monkeypatch.setattr(multipart, "FILE_BLOCK", file_block)
     data = bytes(range(256)) * 40 + b"\r\n--almost-boundary\r\n"
     body = (
         b"--XyZ\r\nContent-Disposition: form-data; name=\"content\"\r\n\r\nimport\r\n"

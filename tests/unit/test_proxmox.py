@@ -194,8 +194,14 @@ def test_wait_task_polls_until_stopped_ok() -> None:
     pve = ScriptedPve({"/status": [{"status": "running"}, {"status": "running"},
                                    {"status": "stopped", "exitstatus": "OK"}]})
     assert proxmox.wait_task(pve, UPID, timeout=60)["exitstatus"] == "OK"  # type: ignore[arg-type]
-    assert pve.now == 2.0
+    assert pve.now == pytest.approx(0.1 + 0.2)
     assert pve.calls[0][0] == f"/nodes/pve/tasks/{UPID}/status"
+
+
+def test_wait_task_polls_soon_first_then_every_poll_seconds() -> None:
+    pve = ScriptedPve({"/status": [{"status": "running"}] * 6 + [{"status": "stopped", "exitstatus": "OK"}]})
+    proxmox.wait_task(pve, UPID, timeout=60)  # type: ignore[arg-type]
+    assert pve.now == pytest.approx(0.1 + 0.2 + 0.4 + 0.8 + 1.0 + 1.0)
 
 
 def test_a_failed_task_raises_with_its_log_tail() -> None:
