@@ -58,6 +58,7 @@ VERIFY_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("systemctl", "is-system-running"),
     ("docker", "compose", "--project-directory", COMPOSE_DIR, "--env-file", STACK_ENV, "config", "-q"),
 )
+FAILED_UNITS = ("systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager")
 HEALTH_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("systemctl", "is-active", STACK_UNIT),
     ("docker", "compose", "--project-name", "homelab", "ps", "--format", "json"),
@@ -897,10 +898,19 @@ def _verify_once(provider: Provider, vmid: int) -> dict[str, Any] | str:
         result = provider.agent_exec(vmid, argv, HEALTH_DEADLINE)
         text = (result.out or result.err).strip()
         if result.exitcode != 0:
-            return f"`{' '.join(argv)}` exited {result.exitcode}: {text[:200]}"
+            return f"`{' '.join(argv)}` exited {result.exitcode}: {text[:200]}{_failed_units(provider, vmid, text)}"
         if argv[0] == "cloud-init" and "status: done" not in text:
             return f"cloud-init: {text[:200]}"
     return {"vmid": vmid, "verified": [" ".join(a) for a in VERIFY_COMMANDS]}
+
+
+def _failed_units(provider: Provider, vmid: int, state: str) -> str:
+    """Which units make a system "degraded": what the owner looks at first (the VM may be deleted by then)."""
+    if state != "degraded":
+        return ""
+    listed = provider.agent_exec(vmid, FAILED_UNITS, HEALTH_DEADLINE)
+    units = [line.split()[0] for line in listed.out.splitlines() if line.strip()]
+    return f" (failed units: {', '.join(units)})" if units else ""
 
 
 def compose_unhealthy(text: str) -> list[str]:

@@ -68,6 +68,13 @@ def test_address_from_cloud_init(host: Host, expected: dict[str, Any]) -> None:
     assert f"inet {expected['address']} " in addresses
 
 
+def test_site_nic_is_configured_and_online_without_carrier(host: Host, expected: dict[str, Any]) -> None:
+    """A swap's green boots with its link down: its address must not wait for the carrier, nor the boot for it."""
+    nic = host.check_output(f"ip -4 -o addr show to {expected['address']}").split()[1]
+    config = host.check_output(f"networkctl cat 10-cloud-init-{nic}.network")
+    assert "ConfigureWithoutCarrier=yes" in config and "RequiredForOnline=no-carrier" in config, config
+
+
 def test_baked_files_in_place(host: Host, expected: dict[str, Any]) -> None:
     baked: dict[str, str] = expected["manifest"]["baked_files"]
     assert baked, "the manifest lists no baked files"

@@ -52,13 +52,18 @@ class Guests:
     """How the next VMs' guests answer: verification and health commands pass unless told otherwise."""
 
     verify_ok: bool = True
+    degraded: bool = False  # booted, but a unit failed
     healthy: bool = True
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
         if not self.verify_ok:
             verify[0] = ExecResult(exitcode=1, out="status: error\n")
+        if self.degraded:
+            verify[1] = ExecResult(exitcode=1, out="degraded\n")
         commands = {line(argv): result for argv, result in zip(deploy.VERIFY_COMMANDS, verify, strict=True)}
+        commands[line(deploy.FAILED_UNITS)] = ExecResult(
+            out="systemd-networkd-wait-online.service loaded failed failed Wait for Network to be Configured\n")
         commands[line(deploy.HEALTH_COMMANDS[0])] = ExecResult(out="active\n")
         commands[line(deploy.HEALTH_COMMANDS[1])] = ExecResult(
             out=HEALTHY_PS if self.healthy else '{"Service":"db","State":"running","Health":"unhealthy"}\n')
@@ -287,6 +292,16 @@ def test_green_failing_verification_is_deleted_and_blue_never_stopped(env: Env) 
     assert moved == []
     assert_invariants(env, disk)
     assert env.journal.deploys[-1]["outcome"] == "cleaned"
+
+
+def test_a_degraded_green_names_its_failed_units(env: Env) -> None:
+    first_deploy(env)
+    env.guests.degraded = True
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at verify: .*`systemctl is-system-running` exited 1: degraded "
+                                          r"\(failed units: systemd-networkd-wait-online.service\)"):
+        env.deploy(swap=True)
+    assert 102 not in env.pve.state.vms
 
 
 def test_health_gate_failing_after_cutover_rolls_back_to_blue(env: Env) -> None:
