@@ -302,7 +302,7 @@ def preflight_cmd(state: State, role: str | None, site: str | None, insecure: bo
     """
     from .preflight import failed, run_preflight
 
-    checks = run_preflight(state.settings.site_path(_path(site)), role, insecure=insecure)
+    checks = run_preflight(state.settings.site_path(_path(site)), role, state.settings.project, insecure=insecure)
     for check in checks:
         click.echo(check.line())
     if failed(checks):

@@ -25,7 +25,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -262,43 +262,133 @@ class DeployPlan:
         return cls(**values)
 
 
-def volume_keys(role: str, definition_volumes: list[dict[str, Any]], site: Site) -> list[DataVolume]:
+@dataclass(frozen=True)
+class VolumeProblem:
+    """Why a data volume is not where the deploy will take it from, and the fix. plan_deploy raises the first one
+    as a line; `homelab preflight` (builder/preflight.py) prints one line for each volume."""
+
+    detail: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.detail}: {self.fix}"
+
+
+def _site_key(kind: str) -> str:
+    """What the site file gives for a volume of this kind: a disk's volume ID, a share's directory mapping."""
+    return "volid" if kind == "disk" else "mapping"
+
+
+def _place_problem(role: str, name: str, kind: str, missing: bool) -> VolumeProblem:
+    given = _site_key(kind)
+    detail = (f"hosts.{role}.volumes.{name} is missing (the {kind} volume {name} of images/{role}.yaml needs "
+              f"{given})" if missing else f"hosts.{role}.volumes.{name}: {name} is a {kind}: give {given}")
+    what = ("the disk's volume ID (e.g. local-zfs:vm-101-disk-1)" if kind == "disk"
+            else "the ID of its directory mapping (Datacenter > Directory Mappings)")
+    return VolumeProblem(detail, f"set hosts.{role}.volumes.{name}.{given} in the site file to {what}")
+
+
+def volume_places(role: str, definition_volumes: list[dict[str, Any]],
+                  facts: Mapping[str, Mapping[str, Any]]) -> list[DataVolume | VolumeProblem]:
     """Each volume of the image definition with its key (disks scsi1.., shares virtiofs0.., in definition order)
-    and its place from the site's hosts.<role>.volumes; a volume without one is a bad input."""
-    facts = site.host(role).volumes
-    out, disks, shares = [], 0, 0
+    and its place from the site's hosts.<role>.volumes (`facts`), or what the site file lacks for it."""
+    out: list[DataVolume | VolumeProblem] = []
+    disks = shares = 0
     for volume in definition_volumes:
         name, kind = volume["name"], volume["kind"]
-        place = facts.get(name)
-        if place is None:
-            raise DeployError(f"site file {site.path}: hosts.{role}.volumes.{name} is missing (the {kind} volume "
-                              f"{name} of images/{role}.yaml needs {'volid' if kind == 'disk' else 'mapping'})")
+        # The key follows from the definition alone, so a volume keeps it whatever the site file says of the others.
         if kind == "disk":
-            if not place.get("volid"):
-                raise DeployError(f"site file {site.path}: hosts.{role}.volumes.{name}: {name} is a disk: give volid")
             disks += 1
-            out.append(DataVolume(name, kind, f"scsi{disks}", volume["mount"], volume["read_only"],
-                                  volid=place["volid"]))
+            key = f"scsi{disks}"
         else:
-            if not place.get("mapping"):
-                raise DeployError(f"site file {site.path}: hosts.{role}.volumes.{name}: {name} is a share: give "
-                                  "mapping")
-            out.append(DataVolume(name, kind, f"virtiofs{shares}", volume["mount"], volume["read_only"],
-                                  mapping=place["mapping"]))
+            key = f"virtiofs{shares}"
             shares += 1
-    unknown = sorted(set(facts) - {v.name for v in out})
-    if unknown:
-        raise DeployError(f"site file {site.path}: hosts.{role}.volumes.{unknown[0]} is not a volume of "
-                          f"images/{role}.yaml")
+        place = facts.get(name)
+        given = (place or {}).get(_site_key(kind))
+        if not given:
+            out.append(_place_problem(role, name, kind, missing=place is None))
+            continue
+        out.append(DataVolume(name, kind, key, volume["mount"], volume["read_only"],
+                              volid=given if kind == "disk" else None, mapping=given if kind == "share" else None))
     return out
 
 
+def unknown_volumes(role: str, definition_volumes: list[dict[str, Any]],
+                    facts: Mapping[str, Mapping[str, Any]]) -> dict[str, VolumeProblem]:
+    """The site's hosts.<role>.volumes entries that are no volume of the image definition (a typo, a stale entry)."""
+    known = {v["name"] for v in definition_volumes}
+    return {name: VolumeProblem(f"hosts.{role}.volumes.{name} is not a volume of images/{role}.yaml",
+                                f"remove it from the site file or add the volume to images/{role}.yaml")
+            for name in sorted(set(facts) - known)}
+
+
+def volume_keys(role: str, definition_volumes: list[dict[str, Any]], site: Site) -> list[DataVolume]:
+    """The data volumes of volume_places; a volume without its place (or a place without its volume) is a bad
+    input, the first one raised."""
+    facts = site.host(role).volumes
+    places = volume_places(role, definition_volumes, facts)
+    problems = [p for p in places if isinstance(p, VolumeProblem)]
+    problems += unknown_volumes(role, definition_volumes, facts).values()
+    if problems:
+        raise DeployError(f"site file {site.path}: {problems[0].detail}")
+    return [p for p in places if isinstance(p, DataVolume)]
+
+
+def mapping_problem(role: str, volume: DataVolume, mappings: set[str]) -> VolumeProblem | None:
+    """A share whose directory mapping is not among `mappings` (GET /cluster/mapping/dir lists only those the token
+    may use)."""
+    if volume.mapping in mappings:
+        return None
+    return VolumeProblem(f"directory mapping {volume.mapping} does not exist (or the token may not use it)",
+                         "add it under Datacenter > Directory Mappings, or fix "
+                         f"hosts.{role}.volumes.{volume.name}.mapping")
+
+
+def disk_problem(provider: Provider, role: str, volume: DataVolume) -> VolumeProblem | None:
+    """A disk whose volume ID its storage does not list: where a first deploy attaches it from."""
+    if volume.kind != "disk" or not volume.volid or provider.volume_exists(volume.volid):
+        return None
+    return VolumeProblem(f"{volume.volid} does not exist (hosts.{role}.volumes.{volume.name}.volid)",
+                         "create it (zfs create -V) or fix the site file")
+
+
+def held_by(role: str, vm: VmInfo, volume: DataVolume) -> DataVolume | VolumeProblem:
+    """The volume as `vm` (the live VM, which a swap takes it from) holds it now: a disk's volume ID changes with
+    each move_disk, so the site's volid only says where a first deploy finds it."""
+    value = vm.config.get(volume.key)
+    if value is None:
+        what = "the disk" if volume.kind == "disk" else f"virtiofs {volume.mapping}"
+        return VolumeProblem(f"VM {vm.vmid} (live) has no {volume.key}", f"attach it ({what}) or fix the site file")
+    first = value.split(",")[0]
+    if volume.kind == "disk":
+        return replace(volume, volid=first)
+    mapping = first.removeprefix("dirid=")
+    if mapping != volume.mapping:
+        return VolumeProblem(f"VM {vm.vmid} shares {mapping} as {volume.key}, the site says {volume.mapping}",
+                             f"fix hosts.{role}.volumes.{volume.name}.mapping or VM {vm.vmid}'s {volume.key}")
+    return volume
+
+
+def _raise_for(volume: DataVolume, problem: VolumeProblem | None) -> None:
+    if problem is not None:
+        raise DeployError(f"data volume {volume.name}: {problem}")
+
+
+def _of_role(vm: VmInfo, role: str) -> bool:
+    return TAG in vm.tags and f"role-{role}" in vm.tags
+
+
 def role_vms(provider: Provider, role: str) -> list[VmInfo]:
-    return [vm for vm in provider.vms() if TAG in vm.tags and f"role-{role}" in vm.tags]
+    return [vm for vm in provider.vms() if _of_role(vm, role)]
 
 
 def live_vm(provider: Provider, role: str) -> VmInfo | None:
-    live = [vm for vm in role_vms(provider, role) if "live" in vm.tags]
+    return live_of(provider.vms(), role)
+
+
+def live_of(vms: list[VmInfo], role: str) -> VmInfo | None:
+    """The VM serving the role among `vms` (preflight lists the VMs once for every role)."""
+    live = [vm for vm in vms if _of_role(vm, role) and "live" in vm.tags]
     if len(live) > 1:
         raise DeployError(f"VMs {', '.join(str(v.vmid) for v in live)} are all tagged live for {role}: untag all "
                           "but the one serving")
@@ -345,16 +435,13 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     shares = [v for v in volumes if v.kind == "share"]
     known = provider.mappings() if shares else set()
     for volume in shares:
-        if volume.mapping not in known:
-            raise DeployError(f"data volume {volume.name}: directory mapping {volume.mapping} does not exist (or the "
-                              f"token may not use it): add it under Datacenter > Directory Mappings, or fix "
-                              f"hosts.{role}.volumes.{volume.name}.mapping")
+        _raise_for(volume, mapping_problem(role, volume, known))
     live = live_vm(provider, role)
     if swap:
         if live is None:
             raise DeployError(f"no VM of {role} is tagged live: deploy without --swap first")
         blue: int | None = live.vmid
-        volumes = _volumes_on(live, volumes)
+        volumes = _volumes_on(role, live, volumes)
         vmid = free_vmid(provider, site, host.vmid)
     else:
         if live is not None:
@@ -365,9 +452,7 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
             raise DeployError(f"VMID {host.vmid} (hosts.{role}.vmid) is taken by a VM {owner}: remove it or choose "
                               "another VMID")
         for volume in volumes:
-            if volume.kind == "disk" and volume.volid and not provider.volume_exists(volume.volid):
-                raise DeployError(f"data volume {volume.name}: {volume.volid} does not exist (hosts.{role}.volumes."
-                                  f"{volume.name}.volid): create it (zfs create -V) or fix the site file")
+            _raise_for(volume, disk_problem(provider, role, volume))
         blue, vmid = None, host.vmid
     if seed is None:
         # A share's virtiofs tag on Proxmox VE is its mapping ID: the guest reads them from volume-tags.json.
@@ -476,24 +561,15 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
     return steps, tuple(rollback)
 
 
-def _volumes_on(vm: VmInfo, volumes: list[DataVolume]) -> list[DataVolume]:
-    """The volumes as blue holds them now (a disk's volume ID changes with each move_disk)."""
+def _volumes_on(role: str, vm: VmInfo, volumes: list[DataVolume]) -> list[DataVolume]:
+    """The volumes as blue holds them now (held_by), the first one it does not hold raised."""
     out = []
-    for v in volumes:
-        value = vm.config.get(v.key)
-        if value is None:
-            raise DeployError(f"data volume {v.name}: VM {vm.vmid} (live) has no {v.key}: attach it "
-                              f"({'the disk' if v.kind == 'disk' else 'virtiofs ' + str(v.mapping)}) or fix the "
-                              "site file")
-        first = value.split(",")[0]
-        if v.kind == "disk":
-            out.append(DataVolume(v.name, v.kind, v.key, v.mount, v.read_only, volid=first))
+    for volume in volumes:
+        held = held_by(role, vm, volume)
+        if isinstance(held, VolumeProblem):
+            _raise_for(volume, held)
         else:
-            mapping = first.removeprefix("dirid=")
-            if mapping != v.mapping:
-                raise DeployError(f"data volume {v.name}: VM {vm.vmid} shares {mapping} as {v.key}, the site says "
-                                  f"{v.mapping}")
-            out.append(v)
+            out.append(held)
     return out
 
 
@@ -520,7 +596,7 @@ def plan_rollback(settings: Settings, site: Site, role: str, *, provider: Provid
     if not candidates:
         raise DeployError(f"no previous VM of {role} is kept (tagged rollback)")
     previous = max(candidates, key=lambda vm: tag_value(vm.tags, "d-") or "")
-    volumes = _volumes_on(live, volume_keys(role, load_role(settings.project, role)["volumes"], site))
+    volumes = _volumes_on(role, live, volume_keys(role, load_role(settings.project, role)["volumes"], site))
     deploy_id = new_deploy_id()
     version = tag_value(previous.tags, "v-") or "unknown"
     steps, rollback = _cutover(role, deploy_id, live.vmid, previous.vmid, volumes, KEEP_ROLLBACKS)

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proxmox
+from . import deploy, proxmox
+from .definition import load_role
+from .deploy import DataVolume, VmInfo, VolumeProblem
+from .errors import DeployError, ProxmoxError
 from .proxmox import TAG, Pve, Target
+from .pve_deploy import ProxmoxProvider
 from .site import Site, load_site
 
 MIN_VERSION = (8, 4)
@@ -45,19 +49,22 @@ def fail(name: str, detail: str, fix: str) -> Check:
     return Check(name, "FAIL", detail, fix)
 
 
-def run_preflight(site_path: Path, role: str | None, *, insecure: bool = False,
+def run_preflight(site_path: Path, role: str | None, project: Path, *, insecure: bool = False,
                   env: Mapping[str, str] | None = None,
                   connect: Callable[[Target], Pve] = Pve) -> list[Check]:
-    """Load the site and the token, connect, check. Problems with the inputs themselves raise one line."""
+    """Load the site and the token, connect, check. Problems with the inputs themselves raise one line.
+    `project` holds the roles' definitions (images/<role>.yaml), which name the data volumes."""
     site = load_site(site_path)
     roles = [role] if role else sorted(site.hosts)
     for name in roles:
         site.host(name)
     target = Target.from_site(site.proxmox(), proxmox.token_from_env(env), insecure=insecure)
-    return preflight(connect(target), site, roles)
+    return preflight(connect(target), site, roles, project)
 
 
-def preflight(pve: Pve, site: Site, roles: list[str]) -> list[Check]:
+def preflight(pve: Pve, site: Site, roles: list[str], project: Path | None = None) -> list[Check]:
+    """Every check, in order. Without `project` the data volumes are left out: the deploy (ProxmoxProvider.preflight)
+    checks them itself while planning, with the same functions, and reports the first as its own error."""
     # The version call goes first and alone: a refused token or an unreachable host raises here, as one line.
     checks = [check_version(pve.get("/version")), check_tls(pve.target)]
     checks.append(check_node(pve))
@@ -67,7 +74,8 @@ def preflight(pve: Pve, site: Site, roles: list[str]) -> list[Check]:
     checks.append(check_bridge(pve))
     checks += check_permissions(pve)
     checks += check_vms(pve, site, roles)
-    checks.append(Check("data volumes", "skip", "not checked yet (they come with the deploy's swap)"))
+    if project is not None:
+        checks += check_volumes(pve, site, roles, project)
     return checks
 
 
@@ -177,6 +185,95 @@ def check_vms(pve: Pve, site: Site, roles: list[str]) -> list[Check]:
         state = "ours, will be replaced" if by_id is not None else "free"
         checks.append(ok(name, f"VMID {host.vmid} ({host.name}): {state}"))
     return checks
+
+
+@dataclass(frozen=True)
+class Volumes:
+    """What every role's volume checks read from PVE, fetched once: the VMs (each role's live VM), the directory
+    mappings the token may use, and the provider whose volume_exists lists a disk's storage."""
+
+    provider: ProxmoxProvider
+    vms: list[VmInfo]
+    mappings: set[str]
+
+
+def check_volumes(pve: Pve, site: Site, roles: list[str], project: Path) -> list[Check]:
+    """Each data volume of each role's definition, one line each, where the next deploy takes it from (the checks
+    plan_deploy makes, builder/deploy.py): a first deploy from where hosts.<role>.volumes says, a swap from the
+    live VM (a disk's volume ID changes with each move_disk, so after a swap the site's volid is history)."""
+    definitions = {role: load_role(project, role)["volumes"] for role in roles}
+    provider = ProxmoxProvider(pve, site)
+    shares = any(v["kind"] == "share" for volumes in definitions.values() for v in volumes)
+    facts = Volumes(provider, provider.vms(), provider.mappings() if shares else set())
+    checks = []
+    for role, volumes in definitions.items():
+        checks += check_role_volumes(facts, role, volumes, site.host(role).volumes)
+    return checks
+
+
+def check_role_volumes(facts: Volumes, role: str, volumes: list[dict[str, Any]],
+                       places: Mapping[str, Mapping[str, Any]]) -> list[Check]:
+    """One line per definition volume of the role, and one per site entry that is no volume of it."""
+    if not volumes and not places:
+        return [ok(f"data volumes {role}", f"images/{role}.yaml has none")]
+    try:
+        live = deploy.live_of(facts.vms, role)
+    except DeployError as exc:
+        return [Check(f"data volumes {role}", "FAIL", str(exc))]
+    checks = []
+    for volume, place in zip(volumes, deploy.volume_places(role, volumes, places), strict=True):
+        checks.append(check_volume(facts, role, f"data volume {role}/{volume['name']}", place, live))
+    for name, problem in deploy.unknown_volumes(role, volumes, places).items():
+        checks.append(fail(f"data volume {role}/{name}", problem.detail, problem.fix))
+    return checks
+
+
+def check_volume(facts: Volumes, role: str, name: str, place: DataVolume | VolumeProblem,
+                 live: VmInfo | None) -> Check:
+    if isinstance(place, VolumeProblem):
+        return fail(name, place.detail, place.fix)
+    try:
+        found = _find_volume(facts, role, place, live)
+    except ProxmoxError as exc:
+        # A disk on a storage that does not exist, or that the token may not list: this volume's line, not the run's.
+        return fail(name, f"{place.volid}: {exc}", f"fix hosts.{role}.volumes.{place.name}.volid or grant the token "
+                    "Datastore.Audit on its storage")
+    if isinstance(found, VolumeProblem):
+        return fail(name, found.detail, found.fix)
+    return ok(name, _where(found, live, facts.vms))
+
+
+def _find_volume(facts: Volumes, role: str, volume: DataVolume, live: VmInfo | None) -> DataVolume | VolumeProblem:
+    """The volume as the next deploy will use it, or its problem, checked in plan_deploy's order: a share's
+    directory mapping, then the live VM holding the volume (a swap) or a disk on its storage (a first deploy)."""
+    if volume.kind == "share":
+        problem = deploy.mapping_problem(role, volume, facts.mappings)
+        if problem is not None:
+            return problem
+    if live is not None:
+        return deploy.held_by(role, live, volume)
+    return deploy.disk_problem(facts.provider, role, volume) or volume
+
+
+def _where(volume: DataVolume, live: VmInfo | None, vms: list[VmInfo]) -> str:
+    if volume.kind == "share":
+        what = f"directory mapping {volume.mapping}"
+    else:
+        assert volume.volid is not None
+        what = f"{volume.volid} on storage {volume.volid.split(':', 1)[0]}"
+    if live is not None:
+        return f"{what}, held by live VM {live.vmid} as {volume.key}"
+    return what + (_stranger(volume.volid, vms) if volume.volid else "")
+
+
+def _stranger(volid: str, vms: list[VmInfo]) -> str:
+    """A note when the disk is named after a VM that exists and is not ours: PVE names a volume after the VM that
+    owns it, so it may be that VM's disk, which a first deploy would attach to ours as well."""
+    match = re.search(r"(?:^|[:/])vm-(\d+)-", volid)
+    owner = next((vm for vm in vms if match and vm.vmid == int(match[1])), None)
+    if owner is None or TAG in owner.tags:
+        return ""
+    return f" (named after VM {owner.vmid}, which is not tagged {TAG}: make sure it is not that VM's disk)"
 
 
 def failed(checks: list[Check]) -> bool:

@@ -182,12 +182,16 @@ def storage_status(call: Call) -> Any:
 
 @route("GET", "/nodes/{node}/storage/{storage}/content")
 def storage_content(call: Call) -> Any:
-    """Volumes with volid, format, size, content (and vmid for VM disks), filtered by content and vmid."""
+    """Volumes with volid, format, size, content (and vmid for VM disks), filtered by content and vmid. As
+    pve-storage's volume_list and content index: only the content types the storage is configured for, and only
+    the volumes the token may read (a volume it may not is left out, not refused)."""
     _ = call.node
     storage = call.storage
     out = []
     for v in sorted(storage.volumes.values(), key=lambda v: v.volid):
-        if call.params.get("content") not in (None, v.content):
+        if call.params.get("content") not in (None, v.content) or v.content not in storage.content:
+            continue
+        if not readable(call, v):
             continue
         if "vmid" in call.params and v.vmid != int(call.params["vmid"]):
             continue
@@ -196,6 +200,24 @@ def storage_content(call: Call) -> Any:
             entry["vmid"] = v.vmid
         out.append(entry)
     return out
+
+
+def readable(call: Call, volume: Volume) -> bool:
+    """PVE::Storage::check_volume_access as the content index calls it (no VMID of its own): Datastore.Allocate on
+    the storage reads everything; ISOs, templates and imports need Datastore.AllocateSpace or Datastore.Audit; a
+    VM's disk Datastore.Audit on the storage and VM.Config.Disk on its VM; a backup Datastore.AllocateSpace and
+    VM.Backup on its VM; anything else nothing less than Datastore.Allocate."""
+    have = call.privileges(f"/storage/{volume.storage}")
+    if "Datastore.Allocate" in have:
+        return True
+    if volume.content in ("iso", "vztmpl", "import"):
+        return bool(have & {"Datastore.AllocateSpace", "Datastore.Audit"})
+    if volume.vmid is None:
+        return False
+    owner = call.privileges(f"/vms/{volume.vmid}")
+    if volume.content == "backup":
+        return "Datastore.AllocateSpace" in have and "VM.Backup" in owner
+    return volume.content in ("images", "rootdir") and "Datastore.Audit" in have and "VM.Config.Disk" in owner
 
 
 def volume_of(call: Call) -> Volume:

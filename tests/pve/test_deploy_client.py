@@ -19,29 +19,52 @@ from builder.errors import ProxmoxError, ProxmoxTaskError
 from builder.proxmox import Pve, Target, Token
 
 from .emulator import PveEmulator
-from .state import Vm
+from .state import Vm, Volume
 
 GiB = 1024**3
+ROOT = Path(__file__).resolve().parents[2]
+DISK = "local-zfs:vm-101-disk-1"
+# The data volumes of images/intranet.yaml and images/extranet.yaml and where the site file puts them: one disk,
+# the shares each on a directory mapping of their own (one share, one VM).
+INTRANET_SHARES = ("appdata", "photos", "media", "backups", "logs")
+EXTRANET_SHARES = {"appdata": "ext-appdata", "logs": "ext-logs"}
 
 
+def volumes_yaml(intranet: dict[str, str] | None = None) -> tuple[str, str]:
+    """The flow mappings of hosts.intranet.volumes and hosts.extranet.volumes; `intranet` replaces entries
+    (an empty value drops one)."""
+    places = {"postgres": f'{{volid: "{DISK}"}}', **{name: f"{{mapping: {name}}}" for name in INTRANET_SHARES}}
+    places.update(intranet or {})
+    extranet = ", ".join(f"{name}: {{mapping: {mapping}}}" for name, mapping in EXTRANET_SHARES.items())
+    return "{" + ", ".join(f"{k}: {v}" for k, v in places.items() if v) + "}", "{" + extranet + "}"
 
 
-@pytest.fixture
-def site(tmp_path: Path, pve: PveEmulator) -> Path:
-    path = tmp_path / "site.yaml"
-    path.write_text(f"""\
+def site_text(pve: PveEmulator, intranet: dict[str, str] | None = None) -> str:
+    ours, theirs = volumes_yaml(intranet)
+    return f"""\
 domain: test.home.arpa
 ssh_authorized_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEZ34vFY5e3UW2paPff94a7Uzy0jlyjar5xfwMs6s9ac t@h"]
 gateway: 10.99.0.1
 dns: [10.99.0.1]
 hosts:
-  intranet: {{hostname: intranet, address: 10.99.0.101/24, vmid: 101}}
-  extranet: {{hostname: extranet, address: 10.99.0.111/24, vmid: 111}}
+  intranet: {{hostname: intranet, address: 10.99.0.101/24, vmid: 101, volumes: {ours}}}
+  extranet: {{hostname: extranet, address: 10.99.0.111/24, vmid: 111, volumes: {theirs}}}
 proxmox:
   url: https://{pve.host}:{pve.port}
   node: pve
   tls: {{fingerprint: "{pve.fingerprint}"}}
-""")
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path, pve: PveEmulator, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The site file, and on the node every data volume it names: the disk and the directory mappings."""
+    monkeypatch.setenv("HOMELAB_PROJECT", str(ROOT))  # the definitions the volumes come from
+    pve.state.add_volume(Volume(DISK, "images", "raw", 20 * GiB, vmid=101))
+    pve.state.dir_mappings.update({name: f"/tank/{name}" for name in INTRANET_SHARES})
+    pve.state.dir_mappings.update({mapping: f"/tank/{mapping}" for mapping in EXTRANET_SHARES.values()})
+    path = tmp_path / "site.yaml"
+    path.write_text(site_text(pve))
     return path
 
 
@@ -91,7 +114,9 @@ def test_preflight_all_pass(pve: PveEmulator, site: Path, token: str) -> None:
     assert "ok   storage import: local holds import" in lines
     assert "ok   bridge: vmbr0" in lines
     assert "ok   vm intranet: VMID 101 (intranet): free" in lines
-    assert "skip data volumes: not checked yet (they come with the deploy's swap)" in lines
+    assert f"ok   data volume intranet/postgres: {DISK} on storage local-zfs" in lines
+    assert "ok   data volume intranet/photos: directory mapping photos" in lines
+    assert "ok   data volume extranet/logs: directory mapping ext-logs" in lines
     assert any(line.startswith("ok   privileges /vms: ") for line in lines)
     assert writes(pve) == []
 
@@ -220,10 +245,164 @@ def test_a_hung_api_is_a_timeout_line(pve: PveEmulator, site: Path, token: str) 
 def test_preflight_returns_results_without_printing(client: Pve, pve: PveEmulator, site: Path) -> None:
     from builder.site import load_site
 
-    checks = preflight.preflight(client, load_site(site), ["intranet"])
+    checks = preflight.preflight(client, load_site(site), ["intranet"], ROOT)
     assert [c.status for c in checks if c.failed] == []
     assert {c.name for c in checks} >= {"version", "tls", "node", "storage import", "storage images", "storage iso",
-                                        "bridge", "vm intranet", "data volumes"}
+                                        "bridge", "vm intranet", "data volume intranet/postgres",
+                                        "data volume intranet/logs"}
+
+
+def test_without_the_project_the_volumes_are_left_to_the_deploy(client: Pve, pve: PveEmulator, site: Path) -> None:
+    """ProxmoxProvider.preflight passes no project: plan_deploy checks the volumes itself, as its own error."""
+    from builder.site import load_site
+
+    del pve.state.storages["local-zfs"].volumes[DISK]
+    checks = preflight.preflight(client, load_site(site), ["intranet"])
+    assert not [c for c in checks if c.name.startswith("data volume")]
+    assert not pve.calls("GET", r"/cluster/mapping/dir$")
+
+
+# --- preflight: data volumes ----------------------------------------------------------------------------------
+
+
+def _volume_lines(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if " data volume" in line]
+
+
+def test_each_data_volume_is_one_line_where_the_site_says(pve: PveEmulator, site: Path, token: str) -> None:
+    result = homelab("preflight", "intranet", "--site", str(site))
+    assert result.exit_code == 0, result.output
+    assert _volume_lines(result) == [
+        "ok   data volume intranet/appdata: directory mapping appdata",
+        f"ok   data volume intranet/postgres: {DISK} on storage local-zfs",
+        "ok   data volume intranet/photos: directory mapping photos",
+        "ok   data volume intranet/media: directory mapping media",
+        "ok   data volume intranet/backups: directory mapping backups",
+        "ok   data volume intranet/logs: directory mapping logs",
+    ]
+    assert writes(pve) == []
+
+
+def test_a_missing_disk_fails_naming_the_site_key(pve: PveEmulator, site: Path, token: str) -> None:
+    del pve.state.storages["local-zfs"].volumes[DISK]
+    assert _one_failure(homelab("preflight", "--site", str(site))) == (
+        f"FAIL data volume intranet/postgres: {DISK} does not exist (hosts.intranet.volumes.postgres.volid) -> "
+        "create it (zfs create -V) or fix the site file")
+    assert writes(pve) == []
+
+
+def test_a_disk_the_token_may_not_read_is_not_found(pve: PveEmulator, site: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """PVE lists a VM's disk only with VM.Config.Disk on that VM: without it the disk looks missing, and the
+    privileges line says what the token lacks."""
+    everything = {"/": {"Datastore.Audit", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "SDN.Use",
+                        "VM.Allocate", "VM.Audit", "VM.PowerMgmt", "VM.Config.CDROM", "VM.Config.CPU",
+                        "VM.Config.Memory", "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options",
+                        "VM.Monitor", "VM.Snapshot", "Mapping.Use"}}
+    pve.state.add_token("nodisk@pve!deploy", "s5", everything)
+    monkeypatch.setenv("PVE_TOKEN", "nodisk@pve!deploy=s5")
+    result = homelab("preflight", "intranet", "--site", str(site))
+    assert result.exit_code == 1
+    failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert failures[0].startswith("FAIL privileges /vms: the token lacks VM.Config.Disk")
+    assert failures[1].startswith(f"FAIL data volume intranet/postgres: {DISK} does not exist")
+    assert len(failures) == 2
+
+
+def test_a_disk_on_a_storage_that_does_not_exist_is_its_own_line(pve: PveEmulator, site: Path,
+                                                                 token: str) -> None:
+    site.write_text(site_text(pve, {"postgres": '{volid: "tank:vm-101-disk-1"}'}))
+    assert _one_failure(homelab("preflight", "intranet", "--site", str(site))) == (
+        "FAIL data volume intranet/postgres: tank:vm-101-disk-1: GET /nodes/pve/storage/tank/content: HTTP 500 "
+        "Internal Server Error: storage 'tank' does not exist -> fix hosts.intranet.volumes.postgres.volid or grant "
+        "the token Datastore.Audit on its storage")
+
+
+def test_a_disk_named_after_a_vm_not_ours_is_pointed_out(pve: PveEmulator, site: Path, token: str) -> None:
+    pve.state.add_volume(Volume("local-zfs:vm-105-disk-1", "images", "raw", 20 * GiB, vmid=105))
+    pve.state.vms[105] = Vm(105, "pve", {"name": "router", "scsi1": "local-zfs:vm-105-disk-1"})
+    site.write_text(site_text(pve, {"postgres": '{volid: "local-zfs:vm-105-disk-1"}'}))
+    result = homelab("preflight", "intranet", "--site", str(site))
+    assert result.exit_code == 0, result.output
+    assert ("ok   data volume intranet/postgres: local-zfs:vm-105-disk-1 on storage local-zfs (named after VM 105, "
+            "which is not tagged homelab: make sure it is not that VM's disk)") in result.output.splitlines()
+
+
+def test_a_missing_directory_mapping_fails(pve: PveEmulator, site: Path, token: str) -> None:
+    del pve.state.dir_mappings["photos"]
+    assert _one_failure(homelab("preflight", "--site", str(site))) == (
+        "FAIL data volume intranet/photos: directory mapping photos does not exist (or the token may not use it) -> "
+        "add it under Datacenter > Directory Mappings, or fix hosts.intranet.volumes.photos.mapping")
+    assert writes(pve) == []
+
+
+def test_a_mapping_the_token_may_not_use_is_not_listed(pve: PveEmulator, site: Path, token: str) -> None:
+    """/cluster/mapping/dir lists only the mappings the token has a Mapping.* privilege on."""
+    pve.state.acl[token]["/mapping/dir/media"] = set()  # NoAccess there: a more specific ACL replaces what / grants
+    result = homelab("preflight", "intranet", "--site", str(site))
+    failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert result.exit_code == 1
+    assert failures == [
+        "FAIL data volume intranet/media: directory mapping media does not exist (or the token may not use it) -> "
+        "add it under Datacenter > Directory Mappings, or fix hosts.intranet.volumes.media.mapping"]
+
+
+def test_a_volume_the_site_does_not_place_fails(pve: PveEmulator, site: Path, token: str) -> None:
+    site.write_text(site_text(pve, {"photos": ""}))
+    assert _one_failure(homelab("preflight", "--site", str(site))) == (
+        "FAIL data volume intranet/photos: hosts.intranet.volumes.photos is missing (the share volume photos of "
+        "images/intranet.yaml needs mapping) -> set hosts.intranet.volumes.photos.mapping in the site file to the "
+        "ID of its directory mapping (Datacenter > Directory Mappings)")
+    assert writes(pve) == []
+
+
+def test_a_disk_placed_as_a_share_fails(pve: PveEmulator, site: Path, token: str) -> None:
+    site.write_text(site_text(pve, {"postgres": "{mapping: postgres}"}))
+    assert _one_failure(homelab("preflight", "--site", str(site))) == (
+        "FAIL data volume intranet/postgres: hosts.intranet.volumes.postgres: postgres is a disk: give volid -> set "
+        "hosts.intranet.volumes.postgres.volid in the site file to the disk's volume ID (e.g. "
+        "local-zfs:vm-101-disk-1)")
+
+
+def test_a_site_volume_the_definition_does_not_have_fails(pve: PveEmulator, site: Path, token: str) -> None:
+    site.write_text(site_text(pve, {"photoz": "{mapping: photos}"}))
+    assert _one_failure(homelab("preflight", "--site", str(site))) == (
+        "FAIL data volume intranet/photoz: hosts.intranet.volumes.photoz is not a volume of images/intranet.yaml -> "
+        "remove it from the site file or add the volume to images/intranet.yaml")
+
+
+def _live(vmid: int, config: dict[str, str]) -> Vm:
+    """A VM serving intranet (as a swap leaves it): its data volumes under their keys."""
+    return Vm(vmid, "pve", {"name": "intranet", "tags": "homelab;live;role-intranet;v-1;d-1", **config})
+
+
+def test_after_a_swap_the_volumes_are_checked_on_the_live_vm(pve: PveEmulator, site: Path, token: str) -> None:
+    """move_disk renames the disk after its new VM: the site's volid is where the first deploy found it, and the
+    next swap takes the disk from the live VM (plan_deploy's _volumes_on)."""
+    moved = "local-zfs:vm-102-disk-1"
+    del pve.state.storages["local-zfs"].volumes[DISK]
+    pve.state.add_volume(Volume(moved, "images", "raw", 20 * GiB, vmid=102))
+    shares = {f"virtiofs{i}": name for i, name in enumerate(INTRANET_SHARES)}
+    pve.state.vms[102] = _live(102, {"scsi1": f"{moved},size=20G", **shares})
+    result = homelab("preflight", "intranet", "--site", str(site))
+    assert result.exit_code == 0, result.output
+    lines = _volume_lines(result)
+    assert f"ok   data volume intranet/postgres: {moved} on storage local-zfs, held by live VM 102 as scsi1" in lines
+    assert "ok   data volume intranet/photos: directory mapping photos, held by live VM 102 as virtiofs1" in lines
+
+
+def test_a_live_vm_without_a_volume_fails(pve: PveEmulator, site: Path, token: str) -> None:
+    shares = {f"virtiofs{i}": name for i, name in enumerate(INTRANET_SHARES)}
+    pve.state.vms[102] = _live(102, shares)
+    assert _one_failure(homelab("preflight", "intranet", "--site", str(site))) == (
+        "FAIL data volume intranet/postgres: VM 102 (live) has no scsi1 -> attach it (the disk) or fix the site file")
+
+
+def test_two_live_vms_are_one_failure_for_the_role(pve: PveEmulator, site: Path, token: str) -> None:
+    pve.state.vms[102] = _live(102, {})
+    pve.state.vms[103] = _live(103, {})
+    assert _one_failure(homelab("preflight", "intranet", "--site", str(site))) == (
+        "FAIL data volumes intranet: VMs 102, 103 are all tagged live for intranet: untag all but the one serving")
 
 
 # --- uploads and tasks ---------------------------------------------------------------------------------

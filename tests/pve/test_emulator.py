@@ -325,6 +325,31 @@ def test_listings_hide_what_the_token_cannot_audit(api: ProxmoxAPI, pve: PveEmul
     assert api.nodes("pve").qemu.get() == []
 
 
+def test_storage_content_lists_only_what_the_token_may_read(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """pve-storage's check_volume_access as its content index applies it: an upload needs Datastore.Audit (or
+    AllocateSpace) on the storage, a VM's disk Datastore.Audit and VM.Config.Disk on that VM, Datastore.Allocate
+    reads everything; what the token may not read is left out."""
+    wait(api, upload(api, "debian.qcow2"))
+    for vmid in (101, 102):
+        pve.state.add_volume(Volume(f"local-zfs:vm-{vmid}-disk-1", "images", "raw", 20 * GiB, vmid=vmid))
+    tokenid, _ = pve.token
+    pve.state.acl[tokenid] = {"/storage": {"Datastore.Audit"}, "/vms/101": {"VM.Config.Disk"}}
+    zfs, local = api.nodes("pve").storage("local-zfs"), api.nodes("pve").storage("local")
+    assert [v["volid"] for v in zfs.content.get(content="images")] == ["local-zfs:vm-101-disk-1"]
+    assert [v["volid"] for v in local.content.get()] == ["local:import/debian.qcow2"]
+    pve.state.acl[tokenid] = {"/storage/local-zfs": {"Datastore.Audit", "Datastore.Allocate"}}
+    assert [v["volid"] for v in zfs.content.get()] == ["local-zfs:vm-101-disk-1", "local-zfs:vm-102-disk-1"]
+
+
+def test_storage_content_lists_only_the_content_types_the_storage_holds(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """volume_list asks the plugin only for the content types storage.cfg gives the storage."""
+    pve.state.add_volume(Volume("local:101/vm-101-disk-1.qcow2", "images", "qcow2", 20 * GiB, vmid=101))
+    assert api.nodes("pve").storage("local").content.get(content="images") == []
+    pve.state.storages["local"].content.add("images")
+    assert [v["volid"] for v in api.nodes("pve").storage("local").content.get(content="images")] == [
+        "local:101/vm-101-disk-1.qcow2"]
+
+
 def test_upload_refusals(api: ProxmoxAPI, pve: PveEmulator) -> None:
     with pytest.raises(ResourceException) as e:
         api.nodes("pve").storage("local-zfs").upload.post(content="import", filename=io.BytesIO(b"x"))

@@ -259,6 +259,21 @@ def test_keeps_the_newest_rollback_vms_and_never_deletes_one_with_data(env: Env)
     assert deleted == ["/nodes/pve/qemu/101"]
 
 
+def test_preflight_after_a_swap_follows_the_disk_to_the_live_vm(env: Env) -> None:
+    """move_disk names the disk after green: the site's volid is where the first deploy found it, and preflight
+    checks the volumes where the next swap takes them from, the live VM."""
+    first_deploy(env)
+    env.build()
+    env.deploy(swap=True)
+    assert env.disk().volid == "local-zfs:vm-102-disk-1" and env.pve.state.volume(DISK) is None
+    result = homelab("preflight", ROLE, "--site", str(env.site.path))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ("ok   data volume intranet/postgres: local-zfs:vm-102-disk-1 on storage local-zfs, held by live VM 102 "
+            "as scsi1") in lines
+    assert "ok   data volume intranet/logs: directory mapping logs, held by live VM 102 as virtiofs4" in lines
+
+
 def test_homelab_rollback_hands_back_to_the_previous_vm(env: Env) -> None:
     first_deploy(env)
     env.build()
