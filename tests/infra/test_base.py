@@ -133,3 +133,9 @@ def test_data_volumes_unit_ran_before_the_stack(host: Host) -> None:
     if not host.file("/etc/homelab/volumes.ephemeral").exists:
         mounts = host.check_output("findmnt -rn -o TARGET")
         assert all(v["mount"] in mounts.split() for v in volumes), mounts
+
+
+def test_stack_env_is_written_by_its_own_unit(host: Host) -> None:
+    """Also when the stack skips itself (a swap's green without data): its config is checked with this file."""
+    assert host.service("homelab-stack-env.service").is_enabled
+    assert host.file("/run/homelab/stack.env").exists

@@ -1,0 +1,168 @@
+"""Downtime of a blue-green swap on the local provider vs an in-place restart of the same stack on the same VM
+(issue 4's goal: swap <= 1.5x restart).
+
+Both are measured from outside, as a user sees them: a client in the site's LAN zone (a network namespace on the
+test bridge, tests/netlab.py) asks a service's own health endpoint every 0.5 s. The downtime of an operation is
+from the last answer before it failed to the first answer after. In one run:
+
+1. build the role (stacks locked against stand-in images on loopback, as the VM tests do) and deploy it first;
+2. restart in place: `docker compose down && docker compose up --detach --wait` of the stack on the live VM, over ssh;
+3. build again with a changed motd (a new version) and swap to it (the same plan as `homelab deploy --swap`).
+
+    .venv/bin/python -m bench.swap_vs_restart [role]     (about 30 minutes under TCG on 2 cores)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bench._common import PROJECT, project_copy, report
+from builder import localvm
+from builder.build import execute_build, plan_build
+from builder.deploy import execute
+from builder.localprovider import LocalProvider, plan_local
+from builder.runner import run
+from builder.settings import Settings
+from builder.site import load_site
+from tests.netlab import ZoneNetwork
+
+TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
+TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
+MEMORY_MB = 3072  # blue and green run side by side while green is verified
+INTERVAL = 0.5
+# A service of each role whose own health endpoint answers the LAN (the firewall matrix allows it).
+HEALTH = {"intranet": (8096, "/health"), "extranet": (81, "/api/")}
+COMPOSE = "sudo docker compose --project-name homelab --env-file /run/homelab/stack.env"
+SERVING_TIMEOUT = 900.0
+
+# Runs inside the LAN client's namespace: one line per probe, "<monotonic> ok|down".
+PROBE_LOOP = """
+import sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+while True:
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=interval) as answer:
+            state = "ok" if answer.status == 200 else "down"
+    except Exception:
+        state = "down"
+    print(f"{started:.3f} {state}", flush=True)
+    time.sleep(max(0.0, interval - (time.monotonic() - started)))
+"""
+
+
+@dataclass
+class Prober:
+    """The outside client's probes while an operation runs (CLOCK_MONOTONIC is shared with the namespace)."""
+
+    namespace: str
+    url: str
+    samples: list[tuple[float, bool]] = field(default_factory=list)
+
+    def __enter__(self) -> Prober:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.namespace, "python3", "-c", PROBE_LOOP, self.url,
+                                      str(INTERVAL)], stdout=subprocess.PIPE, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            stamp, state = line.split()
+            self.samples.append((float(stamp), state == "ok"))
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        self.reader.join(timeout=5)
+
+    def serving(self) -> bool:
+        return bool(self.samples) and self.samples[-1][1]
+
+    def wait_serving(self, timeout: float = SERVING_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.url} did not answer within {timeout:.0f} s")
+            time.sleep(INTERVAL)
+
+    def downtime(self, since: float) -> float:
+        """From the last answer before the first failure after `since` to the first answer after it."""
+        probes = [s for s in self.samples if s[0] >= since]
+        first_down = next((i for i, (_t, ok) in enumerate(probes) if not ok), None)
+        if first_down is None:
+            raise SystemExit(f"{self.url} never stopped answering: nothing was measured")
+        back = next((t for t, ok in probes[first_down:] if ok), None)
+        if back is None:
+            raise SystemExit(f"{self.url} did not answer again")
+        last_up = probes[first_down - 1][0] if first_down else probes[0][0]
+        return round(back - last_up, 1)
+
+
+def build(settings: Settings, role: str) -> None:
+    execute_build(settings, plan_build(settings, role))
+
+
+def deploy(settings: Settings, role: str, bridge: str, swap: bool) -> tuple[int, float | None]:
+    plan, _resumed, provider, journal = plan_local(settings, role, TEST_SITE, TEST_SECRETS, swap=swap, bridge=bridge,
+                                                   memory_mb=MEMORY_MB)
+    outcome = execute(plan, provider, journal, on_step=lambda line: print(f"  {line}", flush=True))
+    return outcome.vmid, outcome.downtime_s
+
+
+def restart_in_place(settings: Settings, role: str, vmid: int) -> None:
+    state = LocalProvider(settings, role).state(vmid)
+    assert state is not None, f"local VM {vmid} is not running"
+    command = f"cd /opt/homelab/compose && {COMPOSE} down && {COMPOSE} up --detach --wait"
+    run(localvm.ssh_argv(state, command), timeout=SERVING_TIMEOUT)
+
+
+def change_motd(settings: Settings) -> None:
+    motd = settings.project / "images" / "files" / "common" / "homelab-motd"
+    motd.write_text(motd.read_text() + "\nThe bench's second build.\n")
+
+
+def stop_all(settings: Settings, role: str) -> None:
+    provider = LocalProvider(settings, role)
+    for vm in provider.vms():
+        provider.stop(vm.vmid)
+
+
+def main(role: str = "intranet") -> None:
+    port, path = HEALTH[role]
+    address = str(load_site(TEST_SITE).host(role).address).split("/")[0]
+    url = f"http://{address}:{port}{path}"
+    with project_copy() as settings, ZoneNetwork(without=("dmz",) if role == "extranet" else ()) as network:
+        lan = next(c for c in network.clients if c.zone == "lan").namespace
+        try:
+            build(settings, role)
+            blue, _ = deploy(settings, role, network.bridge, swap=False)
+            with Prober(lan, url) as prober:
+                prober.wait_serving()
+                since = time.monotonic()
+                restart_in_place(settings, role, blue)
+                prober.wait_serving()
+                restart = prober.downtime(since)
+            change_motd(settings)
+            build(settings, role)
+            with Prober(lan, url) as prober:
+                prober.wait_serving()
+                since = time.monotonic()
+                _green, recorded = deploy(settings, role, network.bridge, swap=True)
+                prober.wait_serving()
+                swap = prober.downtime(since)
+        finally:
+            stop_all(settings, role)
+    report([(f"{role}: in-place compose down && up --wait, downtime", restart),
+            (f"{role}: swap, downtime seen from the LAN", swap),
+            (f"{role}: swap, downtime the deploy journal recorded", recorded or 0.0)],
+           "swap downtime / in-place restart downtime", swap, restart, "<= 1.5x")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
