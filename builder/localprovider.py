@@ -574,12 +574,18 @@ class LocalProvider:
         return {"vmid": vmid, "snapshot": lv.snapshot_tag(name), "disks": disks}
 
     def delete_snapshot(self, vmid: int, name: str) -> dict[str, Any]:
+        """Like PVE's, also on the running VM (the swap drops it once green is healthy): then QEMU, which holds the
+        disks' write lock, deletes the internal snapshot itself."""
         record = self._record(vmid)
+        running = self.state(vmid) is not None
         disks = []
         for _key, disk in self._disks(record["config"]):
             path = lv.disk_path(self.settings, self.role, disk)
             if lv.snapshot_tag(name) in lv.disk_snapshots(path):
-                lv.delete_disk_snapshot(path, name)
+                if running:
+                    self._qmp(self.vm_dir(vmid), *lv.delete_snapshot_command(disk, name))
+                else:
+                    lv.delete_disk_snapshot(path, name)
                 disks.append(disk)
         return {"vmid": vmid, "deleted": disks}
 

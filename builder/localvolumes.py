@@ -242,6 +242,11 @@ def delete_disk_snapshot(path: Path, snapshot: str) -> None:
     run(snapshot_delete_argv(path, snapshot_tag(snapshot)))
 
 
+def delete_snapshot_command(name: str, snapshot: str) -> QmpCommand:
+    """QMP deleting a disk volume's internal snapshot while a running QEMU holds the disk (its node is the root)."""
+    return ("blockdev-snapshot-delete-internal-sync", {"device": node_name(name), "name": snapshot_tag(snapshot)})
+
+
 # --- share locks --------------------------------------------------------------------------------------------------
 
 
