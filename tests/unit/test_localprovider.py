@@ -210,6 +210,26 @@ def test_snapshots_are_taken_on_the_disks_of_a_stopped_vm(settings: Settings, pr
         provider.snapshot_volumes(101, "homelab-x")
 
 
+def test_the_snapshot_is_dropped_by_qemu_while_green_runs(settings: Settings, provider: lp.LocalProvider,
+                                                           recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider.create_vm(_spec(settings, 101, {"scsi1": "local:postgres"}))
+    monkeypatch.setattr(lv, "disk_snapshots", lambda path: ["homelab-20261125-1"])
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(lp.qmp, "execute", lambda sock, command, arguments=None, timeout=10: sent.append(
+        (command, arguments)))
+    recorder.calls.clear()
+    monkeypatch.setattr(provider, "state", lambda vmid: object())
+    assert provider.delete_snapshot(101, "homelab-20261125-1")["deleted"] == ["postgres"]
+    # QEMU holds the disk's write lock: qemu-img would fail (measured), QEMU deletes the snapshot itself.
+    assert sent == [("blockdev-snapshot-delete-internal-sync", {"device": "vol-postgres",
+                                                                 "name": "homelab-20261125-1"})]
+    assert recorder.calls == []
+    monkeypatch.setattr(provider, "state", lambda vmid: None)
+    provider.delete_snapshot(101, "homelab-20261125-1")
+    disk = str(settings.build_dir / ROLE / "volumes" / "postgres.qcow2")
+    assert recorder.calls == [["qemu-img", "snapshot", "-d", "homelab-20261125-1", disk]]
+
+
 # --- start: the share lock, then QEMU with the volumes, paused until the link is set -------------------------------
 
 
