@@ -17,6 +17,9 @@ from builder.settings import Settings, load_settings
 from tests.standins import serve_standins
 
 PROJECT = Path(__file__).resolve().parent.parent
+# The test site (private test addresses, a throwaway key) every bench boots its VMs with.
+TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
+TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
 T = TypeVar("T")
 
 

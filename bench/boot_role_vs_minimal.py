@@ -18,15 +18,11 @@ from dataclasses import replace
 
 import yaml
 
-from bench._common import PROJECT, project_copy, report
+from bench._common import TEST_SECRETS, TEST_SITE, project_copy, report
 from builder import localvm
 from builder.build import execute_build, latest_build, plan_build
 from builder.runner import run
 from builder.settings import Settings
-
-TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
-TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
-
 
 STACK_TIMEOUT = 900
 

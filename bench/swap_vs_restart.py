@@ -20,18 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bench._common import PROJECT, project_copy, report
+from bench._common import TEST_SECRETS, TEST_SITE, project_copy, report
 from builder import localvm
 from builder.build import execute_build, plan_build
-from builder.deploy import execute
-from builder.localprovider import LocalProvider, plan_local
+from builder.localprovider import LocalProvider, deploy_local
 from builder.runner import run
 from builder.settings import Settings
 from builder.site import load_site
 from tests.netlab import ZoneNetwork
 
-TEST_SITE = PROJECT / "tests" / "fixtures" / "site" / "test-site.yaml"
-TEST_SECRETS = PROJECT / "tests" / "fixtures" / "site" / "test-secrets.yaml"
 MEMORY_MB = 3072  # blue and green run side by side while green is verified
 INTERVAL = 0.5
 # A service of each role whose own health endpoint answers the LAN (the firewall matrix allows it).
@@ -109,9 +106,8 @@ def build(settings: Settings, role: str) -> None:
 
 
 def deploy(settings: Settings, role: str, bridge: str, swap: bool) -> tuple[int, float | None]:
-    plan, _resumed, provider, journal = plan_local(settings, role, TEST_SITE, TEST_SECRETS, swap=swap, bridge=bridge,
-                                                   memory_mb=MEMORY_MB)
-    outcome = execute(plan, provider, journal, on_step=lambda line: print(f"  {line}", flush=True))
+    outcome = deploy_local(settings, role, TEST_SITE, TEST_SECRETS, swap=swap, bridge=bridge, memory_mb=MEMORY_MB,
+                           on_step=lambda line: print(f"  {line}", flush=True))
     return outcome.vmid, outcome.downtime_s
 
 

@@ -11,7 +11,6 @@ interpreter against a fresh emulator (`python -m tests.pve.emulator`), so each s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -31,6 +30,7 @@ import requests
 
 from bench._common import PROJECT, report
 from builder import proxmox
+from builder.build import sha256_file
 from builder.proxmox import Pve, Target, TlsPolicy
 
 MiB = 1024 * 1024
@@ -38,9 +38,6 @@ GiB = 1024 * MiB
 RSS_GOAL_MIB = 150
 TIME_GOAL = 1.1
 STORAGE = "local"  # the emulator's directory storage that takes content import
-# The raw POST reads the file in blocks this large, as the tool does (proxmox.UPLOAD_CHUNK); 64 KiB, 256 KiB
-# and 1 MiB measured alike here: the block size is not where either side's time goes.
-RAW_CHUNK = 1 * MiB
 Measured = dict[str, Any]
 
 
@@ -61,15 +58,6 @@ def make_image(directory: Path, size: int) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """What the build records next to the image and the deploy passes in: computed once, outside the timing."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the children: an emulator, an uploader ----------------------------------------------------------------
@@ -93,39 +81,13 @@ def upload_with_tool(server: Measured, path: Path, sha256: str) -> float:
     return elapsed
 
 
-class RawBody:
-    """The same multipart bytes the tool sends, with nothing else: fields, the file in RAW_CHUNK blocks, the end.
-
-    __len__ gives requests the Content-Length (a bare generator would be sent chunked, which PVE refuses).
-    """
-
-    def __init__(self, fields: dict[str, str], path: Path) -> None:
-        self.boundary = uuid.uuid4().hex
-        self.path = path
-        parts = [f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-                 for k, v in fields.items()]
-        parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="filename"; '
-                     f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n')
-        self.head = "".join(parts).encode()
-        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
-
-    def __len__(self) -> int:
-        return len(self.head) + self.path.stat().st_size + len(self.tail)
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield self.head
-        with self.path.open("rb") as f:
-            while block := f.read(RAW_CHUNK):
-                yield block
-        yield self.tail
-
-
 def upload_raw(server: Measured, path: Path, sha256: str) -> float:
     """One requests.post to the same endpoint, the certificate checked against the emulator's CA."""
     tokenid, _, secret = server["token"].rpartition("=")
-    body = RawBody({"content": "import", "checksum": sha256, "checksum-algorithm": "sha256"}, path)
-    headers = {"Authorization": f"PVEAPIToken={tokenid}={secret}",
-               "Content-Type": f"multipart/form-data; boundary={body.boundary}"}
+    # The same multipart bytes the tool sends (its body class, without the progress callback), nothing else.
+    body = proxmox.MultipartBody({"content": "import", "checksum": sha256, "checksum-algorithm": "sha256"},
+                                 "filename", path)
+    headers = {"Authorization": f"PVEAPIToken={tokenid}={secret}", "Content-Type": body.content_type}
     started = time.monotonic()
     response = requests.post(f"{server['url']}/api2/json/nodes/pve/storage/{STORAGE}/upload", data=body,
                              headers=headers, verify=server["ca_file"], timeout=(10, 600))
@@ -188,7 +150,7 @@ def compare(size: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="homelab-bench-upload-", dir="/var/tmp") as name:
         tmp = Path(name)
         image = make_image(tmp, size)
-        sha256 = file_sha256(image)
+        sha256 = sha256_file(image)
         # Untimed: the first upload of a run is the slow one (the page cache takes memory the VM has not touched
         # yet); it would burden whichever side came first.
         measure("raw", tmp, image, sha256, label="warm-up raw")
