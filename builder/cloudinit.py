@@ -126,9 +126,13 @@ def _networks(site: Site, role: str, networks: Sequence[HostNetwork] | None) -> 
     return chosen
 
 
+def primary_network(networks: Sequence[HostNetwork]) -> HostNetwork:
+    """The host's production interface: the one that has the default route (the first when none has)."""
+    return next((net for net in networks if net.gateway), networks[0])
+
+
 def primary_address(networks: Sequence[HostNetwork]) -> str:
-    """The host's address: the interface that has the default route (the first when none has)."""
-    return next((net.address for net in networks if net.gateway), networks[0].address)
+    return primary_network(networks).address
 
 
 def _check_network(role: str, net: HostNetwork) -> None:
@@ -180,7 +184,9 @@ def render_seed(
     host = site.host(role)
     nets = _networks(site, role, networks)
     fqdn = site.fqdn(role)
-    host_info = {"role": role, "hostname": host.hostname, "fqdn": fqdn, "address": primary_address(nets)}
+    # "interface": the NIC whose link is the production identity (homelab-volumes' `serving`).
+    host_info = {"role": role, "hostname": host.hostname, "fqdn": fqdn, "address": primary_address(nets),
+                 "interface": primary_network(nets).name}
     env = _environment(project)
     user_data = _render(env, "user-data", {
         "hostname": host.hostname,

@@ -53,6 +53,7 @@ SHUTDOWN_TIMEOUT = 120.0
 TASK_TIMEOUT = 600.0
 POLL = 5.0
 
+VOLUMES_UNIT = "homelab-volumes.service"
 VERIFY_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("cloud-init", "status"),
     ("systemctl", "is-system-running"),
@@ -100,6 +101,7 @@ class VmSpec:
     tags: tuple[str, ...]
     link_down: bool
     drives: Mapping[str, str] = field(default_factory=dict)  # data volumes: scsiN -> volid, virtiofsN -> mapping
+    mac: str | None = None  # the bridge NIC's MAC (a swap's green gets blue's); None: the platform chooses
 
 
 class Provider(Protocol):
@@ -464,9 +466,14 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     version = str(manifest["version"])
     vm = definition["vm"]
     tags = vm_tags(role, ("green",), version, deploy_id)
+    # A swap's green: blue's MAC with its link down (the link is the production identity: toggled at the cutover,
+    # no reconfiguration, no ARP wait), the shares attached from the start (virtiofs cannot be hot-plugged on
+    # PVE 8.4; the guest mounts nothing while its link is down), the disks hot-plugged at the cutover.
+    drives = {v.key: (v.volid if v.kind == "disk" else v.mapping) for v in volumes
+              if not swap or v.kind == "share"}
     spec = {"vmid": vmid, "name": host.name, "cores": vm["cores"], "memory_mb": vm["memory_mb"],
-            "bridge": site.proxmox()["bridge"], "tags": list(tags), "link_down": swap,
-            "drives": {} if swap else {v.key: (v.volid if v.kind == "disk" else v.mapping) for v in volumes}}
+            "bridge": site.proxmox()["bridge"], "tags": list(tags), "link_down": swap, "drives": drives,
+            "mac": parse_net(live.config.get("net0", ""))[1] if swap and live is not None else None}
     steps = [
         Step("preflight", "noop", {"checks": "passed"}, "read-only checks of the host (passed while planning)"),
         Step("upload-image", "upload_image", {"path": str(qcow2), "sha256": manifest["sha256"]},
@@ -474,7 +481,8 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
         Step("upload-seed", "upload_seed", {"path": str(seed_path), "sha256": seed_sha},
              f"upload {seed_path.name} (content iso)"),
         Step("create", "create_vm", spec, f"create VM {vmid} stopped from the image, tags {';'.join(tags)}"
-             + (", NIC link down, no data volumes" if swap else ", data volumes attached")),
+             + (", blue's MAC with the link down, the shares attached (not mounted), no disk" if swap
+                else ", data volumes attached")),
     ]
     if not swap:
         steps += [
@@ -488,22 +496,30 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     assert blue is not None
     steps += [
         Step("boot-isolated", "start", {"vmid": vmid}, f"start VM {vmid} with its NIC link down (isolated)"),
-        Step("verify", "verify", {"vmid": vmid, "deadline": VERIFY_DEADLINE},
-             "through the agent: cloud-init done, system running, compose config valid"),
-        Step("stop-green", "shutdown", {"vmid": vmid}, f"shut VM {vmid} down for the handover"),
+        Step("verify", "verify", {"vmid": vmid, "deadline": VERIFY_DEADLINE, "isolated": True},
+             f"through the agent: cloud-init done, system running, compose config valid, {VOLUMES_UNIT} not "
+             "active (nothing mounted while isolated); VM stays running"),
     ]
     cleanup = (
         Step("stop-green", "stop", {"vmid": vmid}, f"stop VM {vmid}"),
+        *[Step(f"detach-{v.name}", "detach", {"vmid": vmid, "key": v.key},
+               f"detach share {v.mapping} ({v.key}) from VM {vmid} (never mounted there)")
+          for v in volumes if v.kind == "share"],
         Step("destroy-green", "destroy_checked", {"vmid": vmid}, f"delete VM {vmid} (it never held data)"),
     )
-    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep)
+    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep, green_running=True)
     return DeployPlan(role, "swap", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path), seed_sha,
                       vmid, blue, tuple(volumes), tuple(steps + cut[0]), cleanup, cut[1], cut[0][0].name)
 
 
-def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume],
-             keep: int) -> tuple[list[Step], tuple[Step, ...]]:
-    """The cutover from blue to green and its rollback (shared by swap and `homelab rollback`)."""
+def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume], keep: int, *,
+             green_running: bool = False) -> tuple[list[Step], tuple[Step, ...]]:
+    """The cutover from blue to green and its rollback (shared by swap and `homelab rollback`).
+
+    green_running (a swap): green was booted and verified while blue served, and keeps running: its disks are
+    hot-plugged (move_disk to a running VM), its shares were attached at its creation, and the downtime is blue's
+    stop plus green's stack start, never a boot. Otherwise (`homelab rollback`: the previous VM is stopped) the
+    volumes move between stopped VMs and green boots with them."""
     disks = [v for v in volumes if v.kind == "disk"]
     snap = f"homelab-{deploy_id}"
     steps = [
@@ -513,18 +529,31 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
              f"{SHUTDOWN_TIMEOUT:.0f} s)"),
     ]
     for v in volumes:
-        what = (f"move_disk {v.key} of VM {blue} to VM {green} ({v.volid})" if v.kind == "disk" else
-                f"virtiofs {v.mapping}: detach {v.key} from VM {blue}, attach to VM {green}")
-        steps.append(Step(f"hand-{v.name}", "hand_over", {"volume": asdict(v), "source": blue, "target": green}, what))
+        if v.kind == "disk":
+            how = " (hot-plugged into the running VM)" if green_running else ""
+            steps.append(Step(f"hand-{v.name}", "hand_over", {"volume": asdict(v), "source": blue, "target": green},
+                              f"move_disk {v.key} of VM {blue} to VM {green} ({v.volid}){how}"))
+        elif green_running:
+            steps.append(Step(f"release-{v.name}", "release_share", {"volume": asdict(v), "source": blue,
+                                                                     "target": green},
+                              f"virtiofs {v.mapping}: detach {v.key} from VM {blue} (VM {green} has it, unmounted)"))
+        else:
+            steps.append(Step(f"hand-{v.name}", "hand_over", {"volume": asdict(v), "source": blue, "target": green},
+                              f"virtiofs {v.mapping}: detach {v.key} from VM {blue}, attach to VM {green}"))
     if disks:
+        state = "running, the disks not mounted" if green_running else "stopped"
         steps.append(Step("snapshot-data", "snapshot", {"vmid": green, "name": snap},
-                          f"snapshot {snap} of VM {green} (stopped, holding {', '.join(v.name for v in disks)})"))
+                          f"snapshot {snap} of VM {green} ({state}; holding {', '.join(v.name for v in disks)})"))
+    steps.append(Step("identity", "identity", {"from": blue, "to": green},
+                      f"VM {green} takes the production identity: its link up with blue's MAC; VM {blue}'s down"))
+    if not green_running:
+        steps.append(Step("start-green", "start", {"vmid": green, "mark": "green_started"},
+                          f"start VM {green} with its data"))
     steps += [
-        Step("identity", "identity", {"from": blue, "to": green},
-             f"VM {green} takes VM {blue}'s MAC with its link up; VM {blue}'s link down"),
-        Step("start-green", "start", {"vmid": green, "mark": "green_started"}, f"start VM {green} with its data"),
-        Step("start-stack", "start_stack", {"vmid": green, "deadline": HEALTH_DEADLINE},
-             f"agent exec on VM {green}: systemctl start {STACK_UNIT}"),
+        # Hot: green has run with the data from the moment its stack (and so its volumes unit) starts.
+        Step("start-stack", "start_stack", {"vmid": green, "deadline": HEALTH_DEADLINE,
+                                            **({"mark": "green_started"} if green_running else {})},
+             f"agent exec on VM {green}: systemctl start {STACK_UNIT} (mounts the volumes, starts the containers)"),
         Step("health-gate", "health_gate", {"vmid": green, "deadline": HEALTH_DEADLINE, "mark": "healthy"},
              f"{STACK_UNIT} active, compose services healthy (deadline {HEALTH_DEADLINE:.0f} s; downtime ends)"),
     ]
@@ -778,7 +807,8 @@ class _Runner:
             raise DeployError(f"VMID {spec['vmid']} was taken meanwhile by another VM")
         return self.provider.create_vm(VmSpec(
             spec["vmid"], spec["name"], spec["cores"], spec["memory_mb"], done["upload-image"]["volid"],
-            done["upload-seed"]["volid"], spec["bridge"], tuple(spec["tags"]), spec["link_down"], spec["drives"]))
+            done["upload-seed"]["volid"], spec["bridge"], tuple(spec["tags"]), spec["link_down"], spec["drives"],
+            spec.get("mac")))
 
     def _start(self, vmid: int, mark: str | None = None) -> dict[str, Any]:
         self._mark(mark)
@@ -798,9 +828,17 @@ class _Runner:
             return {"vmid": vmid, "already": "stopped"}
         return self.provider.shutdown(vmid, SHUTDOWN_TIMEOUT)
 
-    def _verify(self, vmid: int, deadline: float) -> dict[str, Any]:
-        return _until(self.provider, deadline, f"VM {vmid} did not pass verification",
-                      lambda: _verify_once(self.provider, vmid))
+    def _verify(self, vmid: int, deadline: float, isolated: bool = False) -> dict[str, Any]:
+        result = _until(self.provider, deadline, f"VM {vmid} did not pass verification",
+                        lambda: _verify_once(self.provider, vmid))
+        if isolated:
+            # The guard that lets green have blue's shares attached: an isolated guest mounts nothing.
+            active = self.provider.agent_exec(vmid, ("systemctl", "is-active", VOLUMES_UNIT), HEALTH_DEADLINE)
+            if active.exitcode == 0:
+                raise DeployError(f"VM {vmid} mounted its data volumes while isolated ({VOLUMES_UNIT} active): its "
+                                  "image predates the link guard; rebuild it")
+            result["isolated"] = (active.out or active.err).strip() or "inactive"
+        return result
 
     def _health_gate(self, vmid: int, deadline: float, mark: str | None = None) -> dict[str, Any]:
         result = self.provider.health_gate(vmid, deadline)
@@ -817,7 +855,9 @@ class _Runner:
                               f"{(result.err or result.out).strip()[:200]}")
         return {"vmid": vmid}
 
-    def _start_stack(self, vmid: int, deadline: float) -> dict[str, Any]:
+    def _start_stack(self, vmid: int, deadline: float, mark: str | None = None) -> dict[str, Any]:
+        self._mark(mark)
+
         def once() -> dict[str, Any] | str:
             try:
                 self.provider.agent_ping(vmid)
@@ -837,13 +877,18 @@ class _Runner:
             return {"volume": v.name, "already": f"on VM {target}", "value": dst.config[v.key]}
         if v.key not in src.config and v.kind == "disk":
             raise DeployError(f"data volume {v.name} ({v.key}) is on neither VM {source} nor VM {target}")
+        if v.kind == "share" and v.key in src.config and _dirid(dst.config.get(v.key, "")) == v.mapping:
+            # A hot swap undone before blue let go of the share: both have it, the source (green) lets go.
+            if src.status != "stopped":
+                raise DeployError(f"share {v.name}: VM {source} is {src.status}; it lets go of a share stopped only")
+            return {"volume": v.name, "from": source, "to": target, **self.provider.detach(source, v.key)}
         if v.key in dst.config:
             raise DeployError(f"data volume {v.name}: both VM {source} and VM {target} have {v.key}")
-        for vm in (src, dst):
-            if vm.status != "stopped":
-                raise DeployError(f"data volume {v.name}: VM {vm.vmid} is {vm.status}; volumes move between "
-                                  "stopped VMs only")
-        if v.kind == "disk":
+        if src.status != "stopped":
+            raise DeployError(f"data volume {v.name}: VM {source} is {src.status}; a volume leaves a stopped VM only")
+        if dst.status != "stopped" and v.kind == "share":
+            raise DeployError(f"share {v.name}: VM {target} is {dst.status}; virtiofs cannot be hot-plugged")
+        if v.kind == "disk":  # into a running target: hot-plugged (PVE's reassign, QMP locally)
             result = self.provider.move_disk(source, v.key, target)
         else:
             assert v.mapping is not None
@@ -859,6 +904,24 @@ class _Runner:
             result = self.provider.attach_share(target, v.key, v.mapping)
         return {"volume": v.name, "from": source, "to": target, "value": self._vm(target).config.get(v.key),
                 **result}
+
+    def _release_share(self, volume: dict[str, Any], source: int, target: int) -> dict[str, Any]:
+        """Hot swap: green has the share since its creation; blue, stopped, lets go of it."""
+        v = DataVolume(**volume)
+        src, dst = self._vm(source), self._vm(target)
+        if v.key not in dst.config or _dirid(dst.config[v.key]) != v.mapping:
+            raise DeployError(f"share {v.name}: VM {target} does not have {v.mapping} as {v.key}")
+        if v.key not in src.config:
+            return {"volume": v.name, "already": f"not on VM {source}"}
+        if src.status != "stopped":
+            raise DeployError(f"share {v.name}: VM {source} is {src.status}; it lets go of a share stopped only")
+        return {"volume": v.name, "from": source, **self.provider.detach(source, v.key)}
+
+    def _detach(self, vmid: int, key: str) -> dict[str, Any]:
+        vm = self.provider.vm(vmid)
+        if vm is None or key not in vm.config:
+            return {"vmid": vmid, "already": "detached"}
+        return {"vmid": vmid, "detached": key, **self.provider.detach(vmid, key)}
 
     def _snapshot(self, vmid: int, name: str) -> dict[str, Any]:
         if name in self.provider.snapshots(vmid):
@@ -891,8 +954,19 @@ class _Runner:
             self.entry["marks"]["blue_mac"] = mac
             self.journal.save()
         self.provider.set_link(source, up=False)
+        self._one_mounter(target)
         self.provider.set_link(target, up=True, mac=mac)
         return {"mac": mac, "up": target, "down": source}
+
+    def _one_mounter(self, vmid: int) -> None:
+        """PVE lets two VMs have one directory mapping: before `vmid` takes the production identity (and with it the
+        right to mount its shares), no other running VM may have one of them attached."""
+        shares = {_dirid(v) for k, v in self._vm(vmid).config.items() if k.startswith("virtiofs")}
+        for vm in self.provider.vms():
+            held = sorted(shares & {_dirid(v) for k, v in vm.config.items() if k.startswith("virtiofs")})
+            if vm.vmid != vmid and vm.status != "stopped" and held:
+                raise DeployError(f"share {held[0]} is attached to the running VM {vm.vmid}: VM {vmid} does not take "
+                                  "the production identity while another VM may mount it")
 
     def _set_tags(self, vmid: int, colour: list[str]) -> dict[str, Any]:
         tags = recolour(self._vm(vmid).tags, tuple(colour))

@@ -10,20 +10,25 @@ destroying a VM never touches them.
 
 How the swap's steps map here:
 - create: an overlay over the built image, the seed ISO, vm.json. Nothing runs.
-- start: one virtiofsd per share in the config (the share's lock names the VM: a second running VM holding it is
-  refused), QEMU with the disks (virtio-blk, serial=<name>) and shares (vhost-user-fs, tag=<name>) of the config,
-  started paused so that a NIC whose config says link_down is cut (QMP set_link) before the guest runs. The bridge
-  NIC of every VM of the role has the role's MAC (the swap gives green blue's MAC at cutover anyway; with green's
-  link down the bridge never sees two). ssh and the guest agent do not use the bridge: ssh is QEMU's user network,
-  the agent a virtio-serial socket, so an isolated green is still reachable.
-- hand-over: the engine moves volumes between stopped VMs (move_disk, detach + attach_share), which here are
-  config edits; green then boots again with them (the guest's homelab-volumes.service mounts them, the stack
-  starts). A disk moved to a running VM is hot-plugged through QMP (blockdev-add + device_add, measured to work
-  here); a share cannot be: vhost-user-fs hot-plug (chardev-add + device_add) is not something QEMU 7.2 is known to
-  do reliably (public reports show the vhost ring set-up failing), so attach_share refuses a running VM.
-- snapshot/rollback of the disks: qcow2 internal snapshots while no QEMU has them open (localvolumes).
-- shutdown: ACPI power-down through QMP, then quit; stop: quit at once. Both end the VM's virtiofsd and release its
-  share locks.
+- start: one virtiofsd per share in the config, QEMU with the disks (virtio-blk, serial=<name>) and shares
+  (vhost-user-fs, tag=<name>) of the config, started paused so that a NIC whose config says link_down is cut (QMP
+  set_link) before the guest runs. The bridge NIC of every VM of the role has the role's MAC (a swap's green has
+  blue's MAC anyway; with green's link down the bridge never sees two). ssh and the guest agent do not use the
+  bridge: ssh is QEMU's user network, the agent a virtio-serial socket, so an isolated green is still reachable.
+  Without a bridge the user network is the only NIC, the production one: it is the one cut (no ssh while isolated).
+- share locks follow the production identity, the link: a VM starting with its link up, or whose link is brought up
+  (set_link), takes the lock of each of its shares (refused while another running VM holds one); its link cut or
+  the VM stopped, it lets go. A swap's green runs isolated with blue's shares attached and unmounted (the guest's
+  homelab-volumes mounts only while its production NIC has a carrier) and takes them at the cutover, blue stopped.
+- hand-over: a disk moved to a running VM (the swap's green) is hot-plugged through QMP (blockdev-add +
+  device_add, measured to work here); between stopped VMs (a rollback) it is a config edit. A share cannot be
+  hot-plugged: vhost-user-fs hot-plug (chardev-add + device_add) is not something QEMU 7.2 is known to do reliably
+  (public reports show the vhost ring set-up failing), and PVE 8.4 cannot either, so green gets its shares at its
+  creation and attach_share refuses a running VM.
+- snapshot/rollback of the disks: qcow2 internal snapshots (localvolumes), taken and dropped by QEMU itself (QMP)
+  while a running VM holds the disk; a rollback restores with qemu-img, the VM stopped.
+- shutdown: ACPI power-down through QMP, then quit; stop: quit at once. Both end the VM's virtiofsd and release
+  its share locks.
 """
 
 from __future__ import annotations
@@ -78,8 +83,10 @@ from .runner import require_tool, run, start
 from .settings import Settings
 from .site import Site, load_secrets, load_site
 
-# The bridge NIC is QEMU's netdev net1 (net0 is the user network for ssh), as in localvm._nic_argv.
+# The bridge NIC is QEMU's netdev net1 (net0 is the user network for ssh), as in localvm._nic_argv. Without a
+# bridge the user network is the only NIC, and so the production one: its link is the one cut while isolated.
 BRIDGE_NETDEV = "net1"
+USER_NETDEV = "net0"
 LOCAL_STORAGE = "local"  # volume IDs of local disks: local:<name>
 MEMORY_CAP_MB = 4096  # like `homelab boot`: a local VM gets at most this much
 VIRTIOFSD_WAIT = 15.0
@@ -343,6 +350,8 @@ class LocalProvider:
         overlay.unlink(missing_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", spec.image_volid, "-F", "qcow2", str(overlay)])
         seed.write_bytes(Path(spec.seed_volid).read_bytes())
+        if spec.mac is not None and spec.mac.lower() != bridge_mac(self.role):
+            raise DeployError(f"local VMs of {self.role} all have the MAC {bridge_mac(self.role)}, not {spec.mac}")
         options = {"bridge": spec.bridge}
         if spec.link_down:
             options["link_down"] = "1"
@@ -390,9 +399,13 @@ class LocalProvider:
         cores = min(int(config["cores"]), os.cpu_count() or 1)
         name = self._vm_name(vmid)
         shares = self._shares(config)
+        link_down = parse_net(config["net0"])[2].get("link_down") == "1"
+        # The share locks follow the production identity (the link): an isolated green has the shares attached
+        # but its guest mounts nothing (homelab-volumes `serving`), so only a VM starting with its link up takes them.
+        locked = [] if link_down else shares
         tap, helpers = "", []
         try:
-            for _key, share in shares:  # first the locks: nothing starts while another VM holds a share
+            for _key, share in locked:  # first the locks: nothing starts while another VM holds a share
                 lv.acquire_share(lv.lock_path(self.settings, self.role, share), name, os.getpid())
             tap = self._create_tap(vmid) if self.bridge else ""
             sockets = []
@@ -415,18 +428,17 @@ class LocalProvider:
                 proc.wait()
                 tail = (vmdir / "qemu.log").read_text(errors="replace").strip().splitlines()[-3:]
                 raise BootError(f"QEMU did not start: {' | '.join(tail) or 'no output'}") from None
-            _model, _mac, options = parse_net(config["net0"])
-            if tap and options.get("link_down") == "1":
-                self._qmp(vmdir, *lv.set_link_command(BRIDGE_NETDEV, False))
+            if link_down:
+                self._qmp(vmdir, *lv.set_link_command(self._netdev(tap), False))
             self._qmp(vmdir, "cont", {})
         except BaseException:
             for helper in helpers:
                 _kill(helper)
-            for _key, share in shares:
+            for _key, share in locked:
                 lv.release_share(lv.lock_path(self.settings, self.role, share), name)
             _remove_tap(tap)
             raise
-        for _key, share in shares:  # the lock now names QEMU itself: it is stale once QEMU is gone
+        for _key, share in locked:  # the lock now names QEMU itself: it is stale once QEMU is gone
             lv.acquire_share(lv.lock_path(self.settings, self.role, share), name, proc.pid)
         state = VMState(role=self.role, pid=proc.pid, accel=accel, image=record["image"], version="",
                         ssh_port=ssh_port, user=self.user, hostname=config["name"], address="",
@@ -436,6 +448,10 @@ class LocalProvider:
         record["helpers"] = helpers
         self._save(vmid, record)
         return state
+
+    @staticmethod
+    def _netdev(tap: str) -> str:
+        return BRIDGE_NETDEV if tap else USER_NETDEV
 
     def _start_virtiofsd(self, vmdir: Path, share: str, sock: Path) -> int:
         sock.unlink(missing_ok=True)
@@ -560,11 +576,20 @@ class LocalProvider:
         return self._record(vmid)
 
     def snapshot_volumes(self, vmid: int, name: str) -> dict[str, Any]:
-        record = self._stopped(vmid, f"snapshot {name}")
+        """Like PVE's, also of the running VM (a swap's green, its disks hot-plugged but not mounted): then QEMU, which
+        holds the disks' write lock, takes the internal snapshot itself."""
+        record = self._record(vmid)
+        running = self.state(vmid)
         disks = [disk for _key, disk in self._disks(record["config"])]
         for disk in disks:
-            lv.snapshot_disk(lv.disk_path(self.settings, self.role, disk), name)
-        return {"vmid": vmid, "snapshot": lv.snapshot_tag(name), "disks": disks}
+            path = lv.disk_path(self.settings, self.role, disk)
+            if running is None:
+                lv.snapshot_disk(path, name)
+                continue
+            self._qmp(self.vm_dir(vmid), *lv.create_snapshot_command(disk, name))
+            for old in lv.disk_snapshots(path)[:-lv.KEEP_SNAPSHOTS]:
+                self._qmp(self.vm_dir(vmid), *lv.delete_snapshot_command(disk, old))
+        return {"vmid": vmid, "snapshot": lv.snapshot_tag(name), "disks": disks, "live": running is not None}
 
     def rollback_snapshot(self, vmid: int, name: str) -> dict[str, Any]:
         record = self._stopped(vmid, f"rollback to {name}")
@@ -639,10 +664,17 @@ class LocalProvider:
         options.pop("link_down", None)
         if not up:
             options["link_down"] = "1"
+        locks = [lv.lock_path(self.settings, self.role, share) for _key, share in self._shares(record["config"])]
+        if running is not None and up:  # the shares go with the production identity: refused if another VM has them
+            for lock in locks:
+                lv.acquire_share(lock, self._vm_name(vmid), running.pid)
         record["config"]["net0"] = render_net(model, mac or current_mac, options)
         self._save(vmid, record)
-        if running is not None and running.tap:
-            qmp.execute(running.qmp_socket, *lv.set_link_command(BRIDGE_NETDEV, up))
+        if running is not None:
+            qmp.execute(running.qmp_socket, *lv.set_link_command(self._netdev(running.tap), up))
+            if not up:
+                for lock in locks:
+                    lv.release_share(lock, self._vm_name(vmid))
         return {"vmid": vmid, "net0": record["config"]["net0"]}
 
     def set_tags(self, vmid: int, tags: tuple[str, ...]) -> dict[str, Any]:

@@ -12,14 +12,16 @@ definition, baked by the build as /etc/homelab/volumes.json, at its mount point 
   hosts.<role>.volumes.<name>.mapping); cloud-init then writes /etc/homelab/volume-tags.json {name: tag}.
 
 Snapshots (the swap snapshots the disks green is about to run with; a rollback restores them): qcow2 internal
-snapshots (`qemu-img snapshot -c/-a/-d`), taken while no QEMU has the file open. The file keeps its path, the VM's
+snapshots (`qemu-img snapshot -c/-a/-d` while no QEMU has the file open; QMP blockdev-snapshot-internal-sync and
+its delete while one does). The file keeps its path, the VM's
 command line never changes, a restore is in place and no chain grows: the shape of a ZFS snapshot and rollback of a
 zvol on Proxmox VE. A backing-file (overlay) snapshot would move the live data to a new file at every swap, and the
 chain would have to be tracked, pointed at and flattened. Shares are not snapshotted by a swap (as on Proxmox VE,
 where a directory mapping has no snapshot call): the backups cover them.
 
-Share lock: build/<role>/volumes/<name>.lock names the VM holding a share (its virtiofsd runs, its guest mounts
-it). A second VM is refused while the holder's QEMU runs; a dead holder's entry is stale and replaced.
+Share lock: build/<role>/volumes/<name>.lock names the VM whose guest may mount a share: the running VM holding the
+production identity (its NIC's link up; an isolated green has the share attached, its virtiofsd running, and mounts
+nothing). A second VM is refused while the holder's QEMU runs; a dead holder's entry is stale and replaced.
 """
 
 from __future__ import annotations
@@ -240,6 +242,11 @@ def restore_disk(path: Path, snapshot: str) -> None:
 
 def delete_disk_snapshot(path: Path, snapshot: str) -> None:
     run(snapshot_delete_argv(path, snapshot_tag(snapshot)))
+
+
+def create_snapshot_command(name: str, snapshot: str) -> QmpCommand:
+    """QMP taking a disk volume's internal snapshot while a running QEMU holds the disk (its node is the root)."""
+    return ("blockdev-snapshot-internal-sync", {"device": node_name(name), "name": snapshot_tag(snapshot)})
 
 
 def delete_snapshot_command(name: str, snapshot: str) -> QmpCommand:

@@ -109,7 +109,7 @@ class ProxmoxProvider:
             "ostype": "l26", "scsihw": "virtio-scsi-single", "agent": "1", "boot": f"order={ROOT_DISK}",
             ROOT_DISK: f"{self.storages['images']}:0,import-from={spec.image_volid}",
             SEED_DRIVE: f"{spec.seed_volid},media=cdrom",
-            "net0": render_net("virtio", None, net), "tags": ";".join(spec.tags),
+            "net0": render_net("virtio", spec.mac, net), "tags": ";".join(spec.tags),
         }
         for key, value in spec.drives.items():
             config[key] = value

@@ -54,6 +54,7 @@ class Guests:
     verify_ok: bool = True
     degraded: bool = False  # booted, but a unit failed
     healthy: bool = True
+    mounts_isolated: bool = False  # an image without the link guard: mounts its shares while isolated
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
@@ -69,6 +70,8 @@ class Guests:
             out=HEALTHY_PS if self.healthy else '{"Service":"db","State":"running","Health":"unhealthy"}\n')
         commands[f"systemctl stop {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
+        commands[f"systemctl is-active {deploy.VOLUMES_UNIT}"] = (
+            ExecResult(out="active\n") if self.mounts_isolated else ExecResult(exitcode=3, out="inactive\n"))
         return Agent(commands=commands)
 
 
@@ -175,7 +178,7 @@ def holds_all_data(vm: Vm, disk: Volume) -> bool:
 
 def assert_invariants(env: Env, disk: Volume, finished: bool = True) -> Vm:
     """No data volume lost; one VM serves (running, with every data volume; tagged live once a deploy finished);
-    no share on two VMs."""
+    a share on one VM, or during a swap on two of which at most one may mount it (running with its link up)."""
     storage = env.pve.state.storages["local-zfs"]
     assert storage.volumes.get(disk.volid) is disk, "the data disk was deleted"
     assert not env.pve.calls("DELETE", r"/storage/.*/content/"), "a volume was deleted"
@@ -184,9 +187,10 @@ def assert_invariants(env: Env, disk: Volume, finished: bool = True) -> Vm:
     assert live[0].status == "running"
     assert holds_all_data(live[0], disk), live[0].config
     for name in SHARES:
-        holders = [vm.vmid for vm in env.pve.state.vms.values()
+        holders = [vm for vm in env.pve.state.vms.values()
                    if any(k.startswith("virtiofs") and v.split(",")[0] == name for k, v in vm.config.items())]
-        assert len(holders) == 1, (name, holders)
+        mounters = [vm.vmid for vm in holders if vm.status == "running" and "link_down=1" not in vm.config["net0"]]
+        assert len(holders) == 1 if finished else len(mounters) <= 1, (name, [vm.vmid for vm in holders])
     return live[0]
 
 
@@ -236,6 +240,10 @@ def test_swap_hands_the_data_to_green_and_keeps_blue_stopped_for_rollback(env: E
     assert blue.status == "stopped" and blue.config["net0"] == f"virtio={mac},bridge=vmbr0,link_down=1"
     assert {"blue", "rollback"} <= set(blue.config["tags"].split(";"))
     assert not green.snapshots and not blue.snapshots
+    # Green was booted once, before blue stopped, and kept running: the disk was hot-plugged into it.
+    assert len(env.pve.calls("POST", r"/qemu/102/status/start$")) == 1
+    assert not env.pve.calls("POST", r"/qemu/102/status/(shutdown|stop)$")
+    assert env.pve.calls("POST", r"^/nodes/pve/qemu$")[-1].params["virtiofs1"] == "photos"
     assert all(r.status == 200 for r in env.pve.requests if r.method != "GET"), \
         [(r.method, r.path, r.status) for r in env.pve.requests if r.status != 200]
     entry = env.journal.deploys[-1]
@@ -309,6 +317,21 @@ def test_green_failing_verification_is_deleted_and_blue_never_stopped(env: Env) 
     assert env.journal.deploys[-1]["outcome"] == "cleaned"
 
 
+def test_a_green_that_mounts_while_isolated_is_deleted_and_blue_never_stopped(env: Env) -> None:
+    """Green has blue's shares attached while blue serves: an image that mounts them without its link (built before
+    the guard) is caught by the verification, its shares detached, the VM deleted."""
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.guests.mounts_isolated = True
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at verify: VM 102 mounted its data volumes while isolated "
+                                          r"\(homelab-volumes.service active\)"):
+        env.deploy(swap=True)
+    assert 102 not in env.pve.state.vms and blue.status == "running"
+    assert len(env.pve.calls("PUT", r"/qemu/102/config$")) == len(SHARES)  # each share detached before the delete
+    assert_invariants(env, disk)
+
+
 def test_a_degraded_green_names_its_failed_units(env: Env) -> None:
     first_deploy(env)
     env.guests.degraded = True
@@ -352,20 +375,20 @@ SWAP_CALLS = [
     ("create", "POST", r"^/nodes/pve/qemu$", 1, True),
     ("boot-isolated", "POST", r"/qemu/102/status/start$", 1, True),
     ("verify", "POST", r"/qemu/102/agent/exec$", 2, False),
-    ("stop-green", "POST", r"/qemu/102/status/shutdown$", 1, True),
+    ("verify (isolated)", "POST", r"/qemu/102/agent/exec$", 4, False),
     ("stop-blue-stack", "POST", r"/qemu/101/agent/exec$", 1, False),
     ("shutdown-blue", "POST", r"/qemu/101/status/shutdown$", 1, True),
-    ("hand-appdata (detach)", "PUT", r"/qemu/101/config$", 1, False),
-    ("hand-appdata (attach)", "PUT", r"/qemu/102/config$", 1, False),
     ("hand-postgres", "POST", r"/qemu/101/move_disk$", 1, True),
+    ("release-appdata", "PUT", r"/qemu/101/config$", 1, False),
+    ("release-logs", "PUT", r"/qemu/101/config$", 5, False),
     ("snapshot-data", "POST", r"/qemu/102/snapshot$", 1, True),
-    ("identity", "PUT", r"/qemu/102/config$", 6, False),
-    ("start-green", "POST", r"/qemu/102/status/start$", 2, True),
-    ("start-stack", "POST", r"/qemu/102/agent/exec$", 4, False),
+    ("identity (blue)", "PUT", r"/qemu/101/config$", 6, False),
+    ("identity (green)", "PUT", r"/qemu/102/config$", 1, False),
+    ("start-stack", "POST", r"/qemu/102/agent/exec$", 5, False),
     ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 6, False),
     ("drop-snapshot", "DELETE", r"/qemu/102/snapshot/", 1, True),
-    ("tag-live", "PUT", r"/qemu/102/config$", 7, False),
-    ("tag-blue", "PUT", r"/qemu/101/config$", 3, False),
+    ("tag-live", "PUT", r"/qemu/102/config$", 2, False),
+    ("tag-blue", "PUT", r"/qemu/101/config$", 7, False),
 ]
 FAULTS = [(name, method, path, nth, kind) for name, method, path, nth, task in SWAP_CALLS
           for kind in ("error", "task", "hang") if kind != "task" or task]
@@ -438,7 +461,7 @@ class Interrupting:
         return call
 
 
-@pytest.mark.parametrize(("method", "nth", "step"), [("attach_share", 2, "hand-photos"),
+@pytest.mark.parametrize(("method", "nth", "step"), [("detach", 2, "release-photos"),
                                                       ("move_disk", 1, "hand-postgres"),
                                                       ("health_gate", 1, "health-gate")])
 def test_a_killed_swap_resumes_where_it_stopped(env: Env, method: str, nth: int, step: str) -> None:

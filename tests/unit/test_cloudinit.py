@@ -88,6 +88,7 @@ def test_user_data_of_each_role(role: str, site: Site, secrets: dict[str, dict[s
         "hostname": role,
         "fqdn": f"{role}.test.home.arpa",
         "address": site.host(role).address,
+        "interface": "eth0",  # the NIC whose link is the production identity (homelab-volumes `serving`)
     }
     validate_user_data(seed.user_data, role)
 

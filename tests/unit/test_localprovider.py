@@ -170,6 +170,29 @@ def test_nothing_moves_in_or_out_of_a_running_vm_but_a_disk_is_hot_plugged(
     assert sent[-1] == ("set_link", {"name": "net1", "up": False})
 
 
+def test_the_share_locks_follow_the_link_of_a_running_vm(settings: Settings, provider: lp.LocalProvider,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Green runs isolated with the shares attached; it takes them with the production identity, not before."""
+    provider.create_vm(_spec(settings, 101, {"virtiofs1": "photos"}, link_down=True))
+    running = lp.VMState(role=ROLE, pid=os.getpid(), accel="tcg", image="", version="", ssh_port=2222,
+                         user="homelab", hostname="intranet", address="", run_dir=str(provider.vm_dir(101)), tap="")
+    monkeypatch.setattr(provider, "state", lambda vmid: running)
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(lp.qmp, "execute", lambda sock, command, arguments=None, timeout=10: sent.append(
+        (command, arguments)))
+    lock = lv.lock_path(settings, ROLE, "photos")
+    lv.acquire_share(lock, "intranet-100", os.getpid())  # blue, alive (this test's pid)
+    with pytest.raises(lv.ShareBusyError, match="held by the running VM intranet-100"):
+        provider.set_link(101, True)
+    assert sent == [] and "link_down=1" in provider._record(101)["config"]["net0"]
+    lv.release_share(lock, "intranet-100")  # blue stopped
+    provider.set_link(101, True)
+    assert sent == [("set_link", {"name": "net0", "up": True})]  # no bridge: the user network is the production NIC
+    assert lv.share_holders(lock)["holder"] == {"vm": "intranet-101", "pid": os.getpid()}
+    provider.set_link(101, False)
+    assert lv.share_holders(lock)["holder"] is None
+
+
 def test_identity_takes_the_mac_and_link_state(settings: Settings, provider: lp.LocalProvider) -> None:
     provider.create_vm(_spec(settings, 101, link_down=True))
     provider.set_link(101, True, mac=lp.bridge_mac(ROLE).upper())  # blue's MAC, as the engine reads it
@@ -205,9 +228,22 @@ def test_snapshots_are_taken_on_the_disks_of_a_stopped_vm(settings: Settings, pr
     assert recorder.calls[0] == ["qemu-img", "snapshot", "-c", "homelab-20261125-1", disk]
     provider.rollback_snapshot(101, "homelab-20261125-1")
     assert ["qemu-img", "snapshot", "-a", "homelab-20261125-1", disk] in recorder.calls
+
+def test_the_snapshot_of_a_running_green_is_taken_by_qemu(settings: Settings, provider: lp.LocalProvider,
+                                                          recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap's green runs when its hot-plugged disk is snapshotted: QEMU holds the write lock, QEMU snapshots."""
+    provider.create_vm(_spec(settings, 101, {"scsi1": "local:postgres"}))
+    old = [f"homelab-2026112{i}-1" for i in range(lv.KEEP_SNAPSHOTS + 1)]
+    monkeypatch.setattr(lv, "disk_snapshots", lambda path: old)
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(lp.qmp, "execute", lambda sock, command, arguments=None, timeout=10: sent.append(
+        (command, arguments)))
     monkeypatch.setattr(provider, "state", lambda vmid: object())
-    with pytest.raises(DeployError, match="local VM 101 is running"):
-        provider.snapshot_volumes(101, "homelab-x")
+    recorder.calls.clear()
+    assert provider.snapshot_volumes(101, "homelab-x")["live"] is True
+    assert sent == [("blockdev-snapshot-internal-sync", {"device": "vol-postgres", "name": "homelab-x"}),
+                    ("blockdev-snapshot-delete-internal-sync", {"device": "vol-postgres", "name": old[0]})]
+    assert recorder.calls == []
 
 
 def test_the_snapshot_is_dropped_by_qemu_while_green_runs(settings: Settings, provider: lp.LocalProvider,
@@ -299,7 +335,8 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
     assert all(a.endswith(",romfile=") for a in qemu if a.startswith("virtio-net-pci"))
     assert sent == [("set_link", {"name": "net1", "up": False}), ("cont", None)]
     assert result["pid"] == 4245
-    assert lv.share_holders(lv.lock_path(settings, ROLE, "appdata"))["holder"] == {"vm": "intranet-101", "pid": 4245}
+    # Isolated (its link down): the shares are attached but not taken; blue may hold them meanwhile.
+    assert lv.share_holders(lv.lock_path(settings, ROLE, "appdata"))["holder"] is None
     state = json.loads((vmdir / "state.json").read_text())
     assert state["ssh_port"] == result["ssh_port"] and state["tap"] == "hl101-intranet"
 

@@ -65,15 +65,15 @@ def test_volumes_unit_runs_before_docker_and_the_stack_and_is_required_by_the_st
     assert ("Before", "docker.service homelab-stack.service") in lines
     assert ("RequiredBy", "homelab-stack.service") in lines
     assert ("ExecStart", "/usr/local/libexec/homelab/volumes mount") in lines
-    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes attached") in lines
+    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes serving") in lines
     assert any(key == "After" and "cloud-init" in value for key, value in lines)
 
 
-def test_stack_waits_for_the_volumes_and_is_skipped_while_none_is_attached() -> None:
+def test_stack_waits_for_the_volumes_and_is_skipped_while_isolated() -> None:
     lines = _unit_lines("homelab-stack.service")
     after = next(value for key, value in lines if key == "After")
     assert "homelab-volumes.service" in after.split()
-    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes attached") in lines
+    assert ("ExecCondition", "/usr/local/libexec/homelab/volumes serving") in lines
 
 
 def test_every_definition_baking_the_common_stack_unit_bakes_the_volumes_script() -> None:
@@ -206,26 +206,56 @@ def test_script_mounts_nothing_on_an_ephemeral_boot(script: ModuleType, tmp_path
     assert fake.calls == []
 
 
-def test_attached_says_whether_the_stack_may_run(script: ModuleType, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(script.subprocess, "run", FakeSystem())
+def test_serving_follows_the_link_of_the_production_nic(script: ModuleType, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Green boots isolated with blue's shares attached: its link down, it mounts nothing and its stack waits."""
+    fake = FakeSystem()
+    monkeypatch.setattr(script.subprocess, "run", fake)
     monkeypatch.setattr(script, "EPHEMERAL", tmp_path / "no-ephemeral")
-    virtio = tmp_path / "virtio"
-    monkeypatch.setattr(script, "VIRTIO_DEVICES", virtio)
-    (virtio / "virtio0").mkdir(parents=True)
-    (virtio / "virtio0" / "device").write_text("0x0001\n")  # a NIC
-    disk_and_share = _volumes(("postgres", "disk", "/srv/postgres", False), ("photos", "share", "/srv/photos", False))
-    assert script.attached([]) is True  # nothing to wait for
-    assert script.attached(disk_and_share) is False  # green before the hand-over: skip volumes and stack
-    (virtio / "virtio3").mkdir()
-    (virtio / "virtio3" / "device").write_text("0x001a\n")  # a virtio-fs device
-    assert script.attached(disk_and_share) is True
-    assert script.attached(_volumes(("postgres", "disk", "/srv/postgres", False))) is False
-    (script.BY_ID / "virtio-postgres").touch()
-    assert script.attached(_volumes(("postgres", "disk", "/srv/postgres", False))) is True
+    monkeypatch.setattr(script, "LINK_WAIT_SECONDS", 0.3)
+    net = tmp_path / "net"
+    monkeypatch.setattr(script, "NET", net)
+    host = tmp_path / "host.json"
+    host.write_text(json.dumps({"role": "intranet", "address": "10.99.0.101/24", "interface": "eth1"}))
+    monkeypatch.setattr(script, "HOST", host)
+    (net / "eth0").mkdir(parents=True)
+    (net / "eth0" / "carrier").write_text("1\n")  # QEMU's user network: not the production NIC here
+    (net / "eth1").mkdir()
+    (net / "eth1" / "carrier").write_text("0\n")
+    share = _volumes(("photos", "share", "/srv/photos", False))
+    assert script.serving([]) is True  # nothing to guard
+    assert script.serving(share) is False  # link down: isolated
+    (net / "eth1" / "carrier").write_text("1\n")
+    assert script.serving(share) is True  # the swap brought the link up
+    # An interface administratively down cannot tell its carrier (EINVAL): brought up, then read; a missing one
+    # (or one that stays unreadable) is not serving.
+    host.write_text(json.dumps({"interface": "eth9"}))
+    assert script.serving(share) is False
+    assert ["ip", "link", "set", "dev", "eth9", "up"] in fake.calls
+    host.write_text("{}")  # an older seed: eth0
+    assert script.production_interface() == "eth0" and script.serving(share) is True
     (tmp_path / "ephemeral").touch()
     monkeypatch.setattr(script, "EPHEMERAL", tmp_path / "ephemeral")
-    assert script.attached(_volumes(("logs", "share", "/srv/logs", False))) is True
+    host.write_text(json.dumps({"interface": "eth1"}))
+    (net / "eth1" / "carrier").write_text("0\n")
+    assert script.serving(share) is True  # `homelab boot`: throwaway, nothing to guard
+
+
+def test_serving_exits_1_with_a_reason_when_isolated(script: ModuleType, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    volumes = tmp_path / "volumes.json"
+    volumes.write_text(json.dumps({"volumes": _volumes(("logs", "share", "/srv/logs", False))}))
+    monkeypatch.setattr(script, "VOLUMES", volumes)
+    monkeypatch.setattr(script, "EPHEMERAL", tmp_path / "no-ephemeral")
+    monkeypatch.setattr(script, "HOST", tmp_path / "absent.json")
+    monkeypatch.setattr(script, "NET", tmp_path / "net")
+    (tmp_path / "net" / "eth0").mkdir(parents=True)
+    (tmp_path / "net" / "eth0" / "carrier").write_text("0\n")
+    assert script.main(["volumes", "serving"]) == 1
+    assert "the link of eth0 is down" in capsys.readouterr().out
+    (tmp_path / "net" / "eth0" / "carrier").write_text("1\n")
+    assert script.main(["volumes", "serving"]) == 0
 
 
 # --- QEMU and virtiofsd command lines -----------------------------------------------------------------------------

@@ -185,9 +185,28 @@ class TestLocalSwap:
         assert first is not None and version != first["version"]
         plan, provider, journal = rehearsal.plan(swap=True)
         assert plan.kind == "swap" and plan.blue == blue
-        outcome = execute(plan, provider, journal, on_step=_echo)
+        seen: dict[str, str] = {}
+
+        def look_at_green_before_the_cutover(line: str) -> None:
+            """Green runs isolated with blue's shares attached: it mounts none of them, blue keeps their locks."""
+            _echo(line)
+            if line.startswith("stop-blue-stack:"):
+                seen["mounts"] = rehearsal.ssh(plan.vmid, "findmnt -rn -o TARGET -t virtiofs,ext4 | grep ^/srv || true"
+                                               ).stdout
+                seen["volumes"] = rehearsal.ssh(plan.vmid, "systemctl is-active homelab-volumes.service",
+                                                check=False).stdout.strip()
+                seen["shares"] = rehearsal.ssh(plan.vmid, "grep -l 0x001a /sys/bus/virtio/devices/*/device | wc -l"
+                                               ).stdout  # virtio-fs devices (virtio device ID 26)
+                seen["holder"] = lv.share_holders(lv.lock_path(rehearsal.settings, ROLE, "photos"))["holder"]["vm"]
+
+        outcome = execute(plan, provider, journal, on_step=look_at_green_before_the_cutover)
+        assert seen["mounts"] == "" and seen["volumes"] == "inactive", seen
+        assert seen["shares"].strip() == "5", seen  # the five shares are attached, unmounted
+        assert seen["holder"] == f"{ROLE}-{blue}"
         assert outcome.outcome == "live" and outcome.downtime_s is not None
         green = outcome.vmid
+        done = Journal(journal_path(rehearsal.settings, ROLE)).deploys[-1]["done"]
+        assert done["hand-postgres"]["hotplugged"] is True and done["snapshot-data"]["live"] is True
         rehearsal.vmids.append(green)
         assert green != blue
         assert MOTD_LINE in rehearsal.ssh(green, "cat /etc/motd").stdout
