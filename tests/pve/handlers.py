@@ -242,7 +242,7 @@ def delete_volume(call: Call) -> Any:
     v = volume_of(call)
     call.require(f"/storage/{v.storage}", ["Datastore.Allocate"])
     for vm in call.state.vms.values():
-        if any(v.volid == drive_file(value) for key, value in vm.config.items() if is_drive(key)):
+        if qemu.volume_in_use(vm, v.volid):
             raise ApiError(500, f"unable to delete '{v.volid}' - volume is still in use by VM {vm.vmid}")
     del call.state.storages[v.storage].volumes[v.volid]
     return call.task("imgdel", "", log=[f"Removed volume '{v.volid}'"])
@@ -344,16 +344,16 @@ def check_digest(vm: Vm, digest: str | None) -> None:
         raise ApiError(500, MODIFIED)
 
 
-def typed_config(call: Call, vm: Vm) -> dict[str, Any]:
+def typed_config(call: Call, config: dict[str, str], digest: str) -> dict[str, Any]:
     """The config as GET .../config returns it: integers and booleans as numbers (per the returns schema)."""
     returns = call.endpoint.info.get("returns", {}).get("properties", {})
     out: dict[str, Any] = {}
-    for key, value in vm.config.items():
+    for key, value in config.items():
         if key == "parent":
             continue
         kind = returns.get(key, {}).get("type")
         out[key] = int(value) if kind in ("integer", "boolean") and re.fullmatch(r"-?\d+", value) else value
-    out["digest"] = vm.digest
+    out["digest"] = digest
     return out
 
 
@@ -416,7 +416,7 @@ def check_new_config(call: Call, vmid: int, config: dict[str, str], storage: str
 def drop_volumes(state: PveState, vm: Vm, unreferenced: bool = False) -> None:
     """destroy_vm: every volume the config or a snapshot references (drives, unusedN) that the VM owns (a volume
     of another VMID stays); with destroy-unreferenced-disks, also every other volume named after the VMID."""
-    configs = [vm.config, *(snap.config for snap in vm.snapshots.values())]
+    configs = [vm.config, vm.pending, *(snap.config for snap in vm.snapshots.values())]
     referenced = {drive_file(value) for config in configs for key, value in config.items() if qemu.is_disk_key(key)}
     for storage in state.storages.values():
         for volid in [v for v, vol in storage.volumes.items()
@@ -426,61 +426,94 @@ def drop_volumes(state: PveState, vm: Vm, unreferenced: bool = False) -> None:
 
 @route("GET", "/nodes/{node}/qemu/{vmid}/config")
 def get_config(call: Call) -> Any:
+    """vm_config: with pending changes taken in, unless `current` (load_current_config); or a snapshot's."""
     vm = call.vm
     snapname = call.params.get("snapshot")
+    current = boolean(call.params.get("current"))
+    if snapname and current:
+        message = "cannot use 'snapshot' parameter with 'current'"
+        raise ParamError({"snapshot": message, "current": message})
     if snapname:
         return {**find_snapshot(vm, snapname).config, "digest": vm.digest}
-    return typed_config(call, vm)
+    return typed_config(call, vm.config if current else vm.with_pending(), vm.digest)
 
 
 def update_config(call: Call) -> Vm:
-    """update_vm_api: digest, then the checks (each key's privilege, drives by kind, storages, bridges),
-    then deletions and new values. A replaced or deleted disk stays as unusedN; deleting unusedN or a
-    cloud-init drive frees the volume. Changes apply at once, also on a running VM (PVE would make
-    non-hotpluggable ones pending)."""
+    """update_vm_api: digest, the checks (each key's privilege, drives by kind, storages, bridges), then every
+    change is written to the config's [PENDING] section and applied - all of it on a stopped VM, on a running
+    one what qemu-server can hot-plug (qemu.py, "pending changes"); the rest waits for the next start. What
+    failed to apply fails the call (raise_param_exc) after the config is written."""
     vm = call.vm
     check_digest(vm, call.params.get("digest"))
+    config, deletes = checked_changes(call, vm)
+    restore = revert(vm, split_list(call.params.get("revert")), deletes)
+    force = boolean(call.params.get("force"))
+    modified = {key for key in deletes if qemu.stage_delete(call.state, vm, key, force)}
+    if qemu.stage_boot_order(call.state, vm, modified, config):
+        modified.add("boot")
+    made = qemu.create_disks(call, vm, config)
+    for key, value in {**config, **made, **restore}.items():
+        qemu.stage_value(call.state, vm, key, value)
+    modified |= set(config) | set(restore)
+    qemu.cleanup_pending(vm)
+    if vm.status == "running":
+        errors = qemu.hotplug_pending(call.state, vm, modified)
+    else:
+        errors = qemu.apply_pending(call.state, vm)
+    if errors:
+        raise ParamError(errors)
+    return vm
+
+
+def split_list(text: str | None) -> list[str]:
+    """PVE::Tools::split_list."""
+    return [k for k in re.split(r"[,;\s]+", text or "") if k]
+
+
+def checked_changes(call: Call, vm: Vm) -> tuple[dict[str, str], list[str]]:
+    """update_vm_api's checks before it writes anything: the new values and the keys to delete (`cdrom` is
+    ide2), each key in one role only, the privilege of each and of each drive (old and new), storages,
+    bridges."""
     config = qemu.config_only(call.params)
-    deletes = [k for k in re.split(r"[,;\s]+", call.params.get("delete", "")) if k]
+    deletes = ["ide2" if k == "cdrom" else k for k in split_list(call.params.get("delete"))]
+    check_exclusive(config, deletes, split_list(call.params.get("revert")))
     qemu.check_modify_config_perm(call, vm.vmid, deletes)
     for key in deletes:
-        if qemu.is_disk_key(key) and key in vm.config:
-            qemu.check_drive_perm(call, vm.vmid, vm.config[key])
+        value = vm.config.get(key, vm.pending.get(key))
+        if qemu.is_disk_key(key) and value is not None:
+            qemu.check_drive_perm(call, vm.vmid, value)
     for key, value in config.items():
         if qemu.is_drive(key):
             qemu.check_drive_perm(call, vm.vmid, value)
     check_new_config(call, vm.vmid, config)
+    return config, deletes
+
+
+def check_exclusive(config: dict[str, str], deletes: list[str], reverts: list[str]) -> None:
+    """update_vm_api: something to do, and no key both set and deleted or reverted (its messages, verbatim)."""
+    if not config and not deletes and not reverts:
+        raise ApiError(500, "no options specified")
+    for key in reverts:
+        if key in config:
+            raise ParamError({"delete": f"you can't use '-{key}' and -revert {key}' at the same time"})
     for key in deletes:
-        if key in vm.config:
-            remove_key(call.state, vm, key)
-    for key in [k for k in config if qemu.is_drive(k) and k in vm.config]:
-        if qemu.drive_file(vm.config[key]) != qemu.drive_file(config[key]):
-            remove_key(call.state, vm, key)
-    made = qemu.create_disks(call, vm, config)
-    vm.config.update(config)
-    vm.config.update(made)
-    return vm
+        if key in config:
+            raise ParamError({"delete": f"you can't use '-{key}' and -delete {key}' at the same time"})
+        if key in reverts:
+            raise ParamError({"revert": f"you can't use '-delete {key}' and -revert {key}' at the same time"})
 
 
-def remove_key(state: PveState, vm: Vm, key: str) -> None:
-    """Deleting a key: a disk becomes unusedN, an unusedN or cloud-init volume is freed, a CD is dropped."""
-    value = vm.config.pop(key)
-    if not qemu.is_disk_key(key):
-        return
-    volid = qemu.drive_file(value)
-    volume = state.volume(volid)
-    if volume is None or volume.vmid != vm.vmid:
-        return
-    if key.startswith("unused") or qemu.is_cloudinit(value):
-        if not qemu.referenced_by_snapshot(vm, volid):
-            del state.storages[volume.storage].volumes[volid]
-    elif not qemu.is_cdrom(value):
-        add_unused(vm, volid)
+def revert(vm: Vm, keys: list[str], deletes: list[str]) -> dict[str, str]:
+    """update_vm_api's `revert`: a key the config has gets its current value back (which cleanup_pending then
+    drops); a key only pending is deleted. Returns the values to restore; `deletes` grows."""
+    restore = {k: vm.config[k] for k in keys if k in vm.config}
+    deletes += [k for k in keys if k not in vm.config and k in vm.pending]
+    return restore
 
 
 @route("PUT", "/nodes/{node}/qemu/{vmid}/config")
 def set_config_sync(call: Call) -> Any:
-    """Synchronous update (returns null): a failure making a disk is an HTTP 500."""
+    """Synchronous update (returns null): a failure making a disk is an HTTP 500, one applying a change 400."""
     try:
         update_config(call)
     except WorkerFailure as e:
@@ -490,18 +523,37 @@ def set_config_sync(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/config")
 def set_config_async(call: Call) -> Any:
-    """Asynchronous update: a qmconfig task, which a failure making a disk fails."""
+    """Asynchronous update: a qmconfig task, which a failure making a disk or applying a change fails (the
+    worker's error on one line, as fork_worker writes it)."""
     vmid = call.vm.vmid
     try:
         update_config(call)
     except WorkerFailure as e:
         return call.task("qmconfig", vmid, error=str(e))
+    except ParamError as e:
+        details = " ".join(f"{k}: {v}" for k, v in (e.errors or {}).items())
+        return call.task("qmconfig", vmid, error=f"400 {e.message} {details}")
     return call.task("qmconfig", vmid)
 
 
 @route("GET", "/nodes/{node}/qemu/{vmid}/pending")
 def pending(call: Call) -> Any:
-    return [{"key": k, "value": v} for k, v in call.vm.config.items()]
+    """vm_pending (PVE::GuestHelpers::config_with_pending_array): one entry per key of the config file (the
+    digest too) with its current `value`, its `pending` value, `delete` 1 (2: forced) for a pending deletion;
+    then keys only pending, then deletions of keys the config lacks."""
+    vm = call.vm
+    entries = []
+    for key, value in {**vm.config, "digest": vm.digest}.items():
+        entry: dict[str, Any] = {"key": key, "value": value}
+        if key in vm.pending:
+            entry["pending"] = vm.pending[key]
+        if key in vm.pending_delete:
+            entry["delete"] = 2 if vm.pending_delete[key] else 1
+        entries.append(entry)
+    entries += [{"key": k, "pending": v} for k, v in vm.pending.items() if k not in vm.config]
+    entries += [{"key": k, "delete": 2 if force else 1} for k, force in vm.pending_delete.items()
+                if k not in vm.config and k not in vm.pending]
+    return entries
 
 
 @route("DELETE", "/nodes/{node}/qemu/{vmid}")
@@ -548,7 +600,11 @@ def start_error(state: PveState, vm: Vm) -> str | None:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/start")
 def start(call: Call) -> Any:
+    """vm_start: a VM not running gets its pending changes first (vm_start_nolock's vmconfig_apply_pending,
+    before QEMU is started - so they are applied even when the start then fails)."""
     vm = call.vm
+    if vm.status != "running":
+        qemu.apply_pending(call.state, vm)
     error = start_error(call.state, vm) or call.task_error
     if error is None:
         vm.status = "running"
@@ -575,10 +631,13 @@ def shutdown(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/status/reboot")
 def reboot(call: Call) -> Any:
-    """vm_reboot refuses a stopped VM before forking ("VM N not running")."""
+    """vm_reboot refuses a stopped VM before forking ("VM N not running"); a reboot is a shutdown and a start,
+    so it applies the pending changes (the schema: "Applies pending changes.")."""
     vm = call.vm
     if vm.status != "running":
         raise ApiError(500, f"VM {vm.vmid} not running")
+    if call.task_error is None:
+        qemu.apply_pending(call.state, vm)
     return call.task("qmreboot", vm.vmid)
 
 
@@ -689,18 +748,9 @@ def move_to_storage(call: Call, vm: Vm, target: Storage) -> str:
     if delete:
         del call.state.storages[old.storage].volumes[old.volid]
     else:
-        key = add_unused(vm, old.volid)
+        key = qemu.add_unused(vm, old.volid)
         log.append(f"adding source volume '{old.volid}' as '{key}' to config")
     return call.task("qmmove", vm.vmid, log=log)
-
-
-def add_unused(vm: Vm, volid: str) -> str:
-    """PVE::AbstractConfig::add_unused_volume: the first free unusedN."""
-    n = 0
-    while f"unused{n}" in vm.config:
-        n += 1
-    vm.config[f"unused{n}"] = volid
-    return f"unused{n}"
 
 
 # --- VMs: snapshots --------------------------------------------------------------------------------------------
@@ -776,14 +826,15 @@ def snapshot_config(call: Call) -> Any:
 
 @route("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback")
 def rollback(call: Call) -> Any:
-    """snapshot_rollback, in the qmrollback worker: the config returns to the snapshot's; the VM stops
-    (without vmstate), `start=1` starts it again. A missing snapshot fails the task."""
+    """snapshot_rollback, in the qmrollback worker: the config returns to the snapshot's, pending changes
+    dropped; the VM stops (without vmstate), `start=1` starts it again. A missing snapshot fails the task."""
     vm = call.vm
     snap = vm.snapshots.get(call.params["snapname"])
     if snap is None:
         return call.task("qmrollback", vm.vmid, error=f"snapshot '{call.params['snapname']}' does not exist")
     if call.task_error is None:
         vm.config = {**copy.deepcopy(snap.config), "parent": snap.name}
+        vm.pending, vm.pending_delete = {}, {}  # __snapshot_apply_config: the new config has no [PENDING]
         vm.status = "running" if snap.vmstate or boolean(call.params.get("start")) else "stopped"
     return call.task("qmrollback", vm.vmid)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .call import Call, WorkerFailure, find_storage, size_text
@@ -370,3 +371,343 @@ def config_only(params: dict[str, Any]) -> dict[str, str]:
         value = config.pop("cdrom")
         config["ide2"] = value if "media=" in value else value + ",media=cdrom"
     return config
+
+
+# --- pending changes and hot-plug ----------------------------------------------------------------------------
+#
+# update_vm_api writes every change to the config's [PENDING] section first (deletions to its `delete` list),
+# then applies them: all at once on a stopped VM (vmconfig_apply_pending), on a running one only what
+# vmconfig_hotplug_pending can hot-plug; the rest stays pending until the next start (vm_start_nolock applies
+# it). Read from qemu-server's PVE/QemuServer.pm and PVE/API2/Qemu.pm (8.x); `Skip` is its `die "skip\n"`.
+
+# vmconfig_hotplug_pending's $fast_plug_option, plus every cloud-init option ($confdesc_cloudinit, ipconfigN
+# too): written to the config at once, also on a running VM, whatever the call changed.
+FAST_PLUG = {"description", "hookscript", "lock", "migrate_downtime", "migrate_speed", "name", "onboot",
+             "protection", "shares", "startup", "tags", "vmstatestorage"} | CLOUDINIT_OPTIONS
+DEFAULT_HOTPLUG = ("network", "disk", "usb")  # the `hotplug` option's default ('1' is an alias of it)
+# Hot-plugged when the `hotplug` option holds the feature, the device plugged or unplugged.
+FEATURE_KEYS = {"tablet": "usb", "vcpus": "cpu", "memory": "memory"}
+CGROUP_KEYS = {"cpuunits", "cpulimit"}  # changed in the VM's cgroup
+# vmconfig_update_disk: options of an attached disk that take effect only when QEMU opens it again.
+DISK_COLD_OPTIONS = ("aio", "discard", "iothread", "queues", "product", "cache", "ssd", "vendor", "ro")
+# vmconfig_update_net: another model, MAC, queue count or MTU is another device (unplug, plug); bridge, tag,
+# trunks, firewall, rate and link_down change in place (tap_plug, tap_rate_limit, set_link).
+NIC_DEVICE_OPTIONS = ("model", "macaddr", "queues", "mtu")
+USB = re.compile(r"usb\d+")
+HOTPLUG_PROBLEM = "hotplug problem"  # vmconfig_hotplug_pending's $add_error
+APPLY_PROBLEM = "unable to apply pending change"  # vmconfig_apply_pending's $add_apply_error
+
+
+class Skip(Exception):
+    """qemu-server's `die "skip\\n"`: the change cannot be hot-plugged and stays pending."""
+
+
+class HotplugError(Exception):
+    """A change that failed: it stays pending and the API call fails with it (raise_param_exc)."""
+
+
+def is_fast_plug(key: str) -> bool:
+    return key in FAST_PLUG or re.fullmatch(r"ipconfig\d+", key) is not None
+
+
+def hotplug_features(config: dict[str, str]) -> set[str]:
+    """parse_hotplug_features of the running config's `hotplug`: '0' none, '1' (the default) network,disk,usb."""
+    value = config.get("hotplug", "1")
+    if value == "0":
+        return set()
+    return set(DEFAULT_HOTPLUG) if value == "1" else {f for f in re.split(r"[,;\s]+", value) if f}
+
+
+def usb_hotplug(config: dict[str, str], features: set[str]) -> bool:
+    """vmconfig_hotplug_pending's $usb_hotplug: the usb feature and ostype l26 or Windows > 7 (its machine
+    version >= 7.1 condition always holds: PVE 8.4 runs QEMU 9)."""
+    return "usb" in features and config.get("ostype", "") in ("l26", "win8", "win10", "win11")
+
+
+def need(feature: str, features: set[str]) -> None:
+    if feature not in features:
+        raise Skip
+
+
+# --- staging: update_vm_api writes the [PENDING] section
+
+
+def stage_delete(state: PveState, vm: Vm, key: str, force: bool) -> bool:
+    """update_vm_api's delete loop: a pending value is dropped (a pending disk becomes unusedN); unusedN and
+    tags go at once; anything else becomes a pending deletion. False when the key is set nowhere (PVE warns
+    "cannot delete ... not set" and carries on)."""
+    if key not in vm.config and key not in vm.pending:
+        return False
+    dropped = vm.pending.pop(key, None)
+    if dropped is not None and is_drive(key):
+        register_unused(state, vm, dropped)
+    if UNUSED.fullmatch(key):
+        free_unused(state, vm, key)
+    elif key == "tags":
+        vm.config.pop(key, None)
+    else:
+        vm.pending_delete[key] = force
+    return True
+
+
+def stage_value(state: PveState, vm: Vm, key: str, value: str) -> None:
+    """update_vm_api's add/change loop: the new value goes to [PENDING] (a pending disk it replaces becomes
+    unusedN) and a pending deletion of the key is cancelled (remove_from_pending_delete)."""
+    previous = vm.pending.get(key)
+    vm.pending[key] = value
+    vm.pending_delete.pop(key, None)
+    if previous is not None and previous != value and is_drive(key):
+        register_unused(state, vm, previous)
+
+
+def stage_boot_order(state: PveState, vm: Vm, deletes: set[str], config: dict[str, str]) -> bool:
+    """update_vm_api's boot order upkeep, from the current `boot: order=...`: a deleted device leaves it, a new
+    CD drive (not cloud-init) joins it, and the new order is a pending `boot` like any other change. Not when
+    the call sets or deletes `boot` itself. True when it changed."""
+    order = boot_order(vm.config)
+    if not order or "boot" in deletes or "boot" in config:
+        return False
+    new = [d for d in order if d not in deletes]
+    new += [k for k, v in config.items() if is_drive(k) and is_cdrom(v) and not is_cloudinit(v) and k not in new]
+    if new == order:
+        return False
+    stage_value(state, vm, "boot", "order=" + ";".join(new) if new else "")
+    return True
+
+
+def boot_order(config: dict[str, str]) -> list[str] | None:
+    """The devices of `boot: order=a;b;c`; None for a legacy boot string or none."""
+    order = parse_options(config.get("boot", ""))[1].get("order")
+    return order.split(";") if order is not None else None
+
+
+def cleanup_pending(vm: Vm) -> None:
+    """PVE::AbstractConfig::cleanup_pending: a pending value equal to the current one, or the pending deletion
+    of a key the config does not have, is no change."""
+    for key in [k for k, v in vm.pending.items() if vm.config.get(k) == v]:
+        del vm.pending[key]
+    for key in [k for k in vm.pending_delete if k not in vm.config]:
+        del vm.pending_delete[key]
+
+
+# --- volumes a change frees or leaves unused
+
+
+def register_unused(state: PveState, vm: Vm, value: str) -> None:
+    """vmconfig_register_unused_drive, with write_vm_config's cleanup of unusedN a drive uses again: a
+    cloud-init volume is freed, a CD left alone, another disk of this VM becomes unusedN - unless a drive
+    (current or pending) still uses the volume."""
+    volid = drive_file(value)
+    volume = state.volume(volid)
+    if volume is None or volume.vmid != vm.vmid or volume_in_use(vm, volid):
+        return
+    if is_cloudinit(value):
+        if not referenced_by_snapshot(vm, volid):
+            del state.storages[volume.storage].volumes[volid]
+    elif not is_cdrom(value):
+        add_unused(vm, volid)
+
+
+def volume_in_use(vm: Vm, volid: str) -> bool:
+    return any(is_drive(k) and drive_file(v) == volid for c in (vm.config, vm.pending) for k, v in c.items())
+
+
+def add_unused(vm: Vm, volid: str) -> str:
+    """PVE::AbstractConfig::add_unused_volume: the first free unusedN, never the same volume twice."""
+    n = 0
+    while f"unused{n}" in vm.config:
+        if vm.config[f"unused{n}"] == volid:
+            return f"unused{n}"
+        n += 1
+    vm.config[f"unused{n}"] = volid
+    return f"unused{n}"
+
+
+def free_unused(state: PveState, vm: Vm, key: str) -> None:
+    """Deleting unusedN frees its volume at once, also on a running VM (try_deallocate_drive), unless another
+    VM owns it or a snapshot references it."""
+    volid = vm.config.pop(key)
+    volume = state.volume(volid)
+    if volume is not None and volume.vmid == vm.vmid and not referenced_by_snapshot(vm, volid):
+        del state.storages[volume.storage].volumes[volid]
+
+
+def detach_drive(state: PveState, vm: Vm, key: str, force: bool) -> None:
+    """vmconfig_delete_or_detach_drive: with force the volume is freed (try_deallocate_drive: this VM's, no CD,
+    refused while a snapshot references it), else it becomes unusedN."""
+    value = vm.config[key]
+    volid = drive_file(value)
+    volume = state.volume(volid)
+    if not force:
+        del vm.config[key]
+        register_unused(state, vm, value)
+        return
+    if volume is None or volume.vmid != vm.vmid or (is_cdrom(value) and not is_cloudinit(value)):
+        del vm.config[key]
+        return
+    if referenced_by_snapshot(vm, volid):
+        raise HotplugError(f"unable to delete '{volid}' - volume is still in use (snapshot?)")
+    del vm.config[key]
+    del state.storages[volume.storage].volumes[volid]
+
+
+# --- applying: vmconfig_apply_pending (a stopped VM's change, and every start)
+
+
+def apply_pending(state: PveState, vm: Vm) -> dict[str, str]:
+    """vmconfig_apply_pending (cold plug): the pending deletions (a drive detached to unusedN, or freed with
+    force), then every pending value (a replaced disk becomes unusedN). Returns the errors by key."""
+    errors: dict[str, str] = {}
+    for key, force in sorted(vm.pending_delete.items()):
+        attempt(errors, key, APPLY_PROBLEM, cold_unplug, state, vm, key, force)
+    cleanup_pending(vm)
+    for key, value in sorted(vm.pending.items()):
+        set_current(state, vm, key, value)
+    return errors
+
+
+def cold_unplug(state: PveState, vm: Vm, key: str, force: bool) -> None:
+    if key in vm.config and is_drive(key):
+        detach_drive(state, vm, key, force)
+    vm.config.pop(key, None)
+    del vm.pending_delete[key]
+
+
+def set_current(state: PveState, vm: Vm, key: str, value: str) -> None:
+    """One pending value into the config; the drive it replaces is registered unused."""
+    old = vm.config.get(key)
+    vm.config[key] = value
+    del vm.pending[key]
+    if old is not None and is_drive(key):
+        register_unused(state, vm, old)
+
+
+def attempt(errors: dict[str, str], key: str, problem: str, change: Callable[..., None], *args: Any) -> None:
+    """One key's change: a Skip leaves it pending silently, a HotplugError is recorded as PVE words it."""
+    try:
+        change(*args)
+    except Skip:
+        pass
+    except HotplugError as e:
+        errors[key] = f"{problem} - {e}" if problem == HOTPLUG_PROBLEM else f"{problem} {key} : {e}"
+
+
+# --- hot-plug: vmconfig_hotplug_pending (a running VM's change)
+
+
+def hotplug_pending(state: PveState, vm: Vm, modified: set[str]) -> dict[str, str]:
+    """vmconfig_hotplug_pending: fast-plug values at once; then, of the keys this call changed (`$selection`),
+    each deletion and value the running VM can take. The rest stays pending; the errors are returned."""
+    for key in [k for k in vm.pending if is_fast_plug(k)]:
+        vm.config[key] = vm.pending.pop(key)
+    features = hotplug_features(vm.config)
+    errors: dict[str, str] = {}
+    for key, force in sorted(vm.pending_delete.items()):
+        if key in modified:
+            attempt(errors, key, HOTPLUG_PROBLEM, hot_unplug, state, vm, key, force, features)
+    for key, value in sorted(vm.pending.items()):
+        if key in modified:
+            attempt(errors, key, HOTPLUG_PROBLEM, hot_plug, state, vm, key, value, features)
+    return errors
+
+
+def hot_unplug(state: PveState, vm: Vm, key: str, force: bool, features: set[str]) -> None:
+    """A pending deletion on a running VM, done if vmconfig_hotplug_pending can unplug it."""
+    if key == "hotplug":
+        if re.search(r"cpu|memory", vm.config.get("hotplug", "")):
+            raise Skip
+    elif key in FEATURE_KEYS:
+        need(FEATURE_KEYS[key], features)
+    elif USB.fullmatch(key):
+        if not usb_hotplug(vm.config, features):
+            raise Skip
+    elif key == "balloon":
+        if vm.config.get("balloon") == "0":
+            raise Skip  # enabling the balloon device is not hot-pluggable
+    elif NET.fullmatch(key):
+        need("network", features)
+    elif is_drive(key):
+        need("disk", features)
+        if re.fullmatch(r"(efidisk|ide|sata|tpmstate)\d+", key):
+            raise Skip
+        detach_drive(state, vm, key, force)
+    elif not (is_fast_plug(key) or key in CGROUP_KEYS):
+        raise Skip  # virtiofsN, cores, agent, smbios1, scsihw, boot, ostype ...: at the next start
+    vm.config.pop(key, None)
+    del vm.pending_delete[key]
+
+
+def hot_plug(state: PveState, vm: Vm, key: str, value: str, features: set[str]) -> None:
+    """A pending value on a running VM, applied if vmconfig_hotplug_pending can plug or change it in place."""
+    old = vm.config.get(key)
+    if key == "hotplug":
+        if re.search(r"cpu|memory", value + " " + (old or "")):
+            raise Skip
+    elif key in FEATURE_KEYS:
+        need(FEATURE_KEYS[key], features)
+    elif USB.fullmatch(key):
+        if not usb_hotplug(vm.config, features):
+            raise Skip
+    elif key == "balloon":
+        if (old != "0") != (value != "0"):
+            raise Skip  # enabling or disabling the balloon device is not hot-pluggable
+    elif NET.fullmatch(key):
+        update_net(old, value, features)
+    elif is_drive(key):
+        update_disk(key, old, value, features)
+    elif key == "agent":
+        update_agent(old, value)
+    elif key not in CGROUP_KEYS:
+        raise Skip  # virtiofsN, cores, smbios1, scsihw, boot, ostype ...: at the next start
+    set_current(state, vm, key, value)
+
+
+def update_net(old: str | None, value: str, features: set[str]) -> None:
+    """vmconfig_update_net: a bridged NIC keeping model, MAC, queues and MTU changes in place (link_down by
+    set_link, bridge/tag/firewall by tap_plug, rate by tap_rate_limit) whatever `hotplug` says; another NIC,
+    or a new one, needs the network hot-plug feature."""
+    if old is not None:
+        before, after = nic_options(old), nic_options(value)
+        same_device = all(before.get(o) == after.get(o) for o in NIC_DEVICE_OPTIONS)
+        if same_device and before.get("bridge") and after.get("bridge"):
+            return
+    need("network", features)
+
+
+def update_disk(key: str, old: str | None, value: str, features: set[str]) -> None:
+    """vmconfig_update_disk: a CD changes its medium; an attached disk changes its throttling in place but not
+    cache/aio/discard/iothread/ssd/...; another volume, or a new disk, needs the disk feature and a SCSI or
+    VirtIO bus (IDE and SATA cannot be hot-plugged); EFI and TPM state disks never."""
+    if re.fullmatch(r"(efidisk|tpmstate)\d+", key):
+        raise Skip
+    if old is not None:
+        (old_file, before), (new_file, after) = parse_options(old), parse_options(value)
+        if before.get("media", "disk") != after.get("media", "disk"):
+            raise HotplugError("unable to change media type")
+        if is_cdrom(old):
+            return
+        if new_file == old_file:
+            if any(before.get(o) != after.get(o) for o in DISK_COLD_OPTIONS):
+                raise Skip
+            return
+    need("disk", features)
+    if re.fullmatch(r"(ide|sata)\d+", key):
+        raise Skip
+
+
+def update_agent(old: str | None, value: str) -> None:
+    """vmconfig_update_agent: only fstrim_cloned_disks changes on a running VM, and only with an agent
+    configured already."""
+    if old is None:
+        raise Skip
+    before, after = agent_options(old), agent_options(value)
+    if any(before.get(o) != after.get(o) for o in set(before) | set(after) if o != "fstrim_cloned_disks"):
+        raise Skip
+
+
+def agent_options(value: str) -> dict[str, str]:
+    """parse_guest_agent: the bare value is `enabled`."""
+    bare, options = parse_options(value)
+    if bare:
+        options["enabled"] = bare
+    return options

@@ -110,12 +110,18 @@ class Snapshot:
 
 @dataclass
 class Vm:
+    """A VM as its config file holds it: `config` is what is in effect (the running VM's hardware), `pending`
+    and `pending_delete` the file's [PENDING] section: new values, and keys to delete (key -> force), that
+    qemu-server could not hot-plug and applies at the next start (see qemu.py, "pending changes")."""
+
     vmid: int
     node: str
     config: dict[str, str]
     status: str = "stopped"
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
     agent: Agent = field(default_factory=Agent)
+    pending: dict[str, str] = field(default_factory=dict)
+    pending_delete: dict[str, bool] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -123,9 +129,22 @@ class Vm:
 
     @property
     def digest(self) -> str:
-        """SHA1 of the config file, as PVE's `digest` (the text differs from PVE's, the use does not)."""
+        """SHA1 of the config file, as PVE's `digest`: the [PENDING] section is part of the file, so a pending
+        change changes it too (the text differs from PVE's, the use does not)."""
         text = "".join(f"{k}: {v}\n" for k, v in sorted(self.config.items()))
+        if self.pending or self.pending_delete:
+            text += "\n[PENDING]\n" + "".join(f"{k}: {v}\n" for k, v in sorted(self.pending.items()))
+            deletes = sorted(self.pending_delete.items())
+            text += "delete: " + ",".join(("!" if force else "") + k for k, force in deletes)
         return hashlib.sha1(text.encode()).hexdigest()
+
+    def with_pending(self) -> dict[str, str]:
+        """The config with the pending changes taken in (PVE::AbstractConfig::load_current_config without
+        `current`): what GET .../config shows by default and what the next start will run."""
+        merged = {**self.config, **self.pending}
+        for key in self.pending_delete:
+            merged.pop(key, None)
+        return merged
 
     @property
     def parent_snapshot(self) -> str | None:

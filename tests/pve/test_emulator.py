@@ -449,3 +449,113 @@ def test_config_changes_need_the_privilege_of_each_key(api: ProxmoxAPI, pve: Pve
     with pytest.raises(ResourceException) as e:
         vm.config.put(args="-cpu host")
     assert (e.value.status_code, e.value.content) == (500, "only root can set 'args' config")
+
+
+# --- pending changes on a running VM (update_vm_api, vmconfig_hotplug_pending) --------------------------------
+
+
+def running_vm(api: ProxmoxAPI) -> ProxmoxAPI:
+    """VM 100 (create_vm's defaults: net0 link down, agent, tags), started."""
+    wait(api, create_vm(api))
+    vm = api.nodes("pve").qemu(100)
+    wait(api, vm.status.start.post())
+    return vm
+
+
+def pending_of(vm: ProxmoxAPI) -> dict[str, dict[str, object]]:
+    return {entry["key"]: entry for entry in vm.pending.get()}
+
+
+def test_a_running_vm_takes_a_link_change_at_once(api: ProxmoxAPI) -> None:
+    """set_link's change: only link_down differs, which qemu-server applies in place (vmconfig_update_net)."""
+    vm = running_vm(api)
+    up = vm.config.get()["net0"].replace(",link_down=1", "")
+    vm.config.put(net0=up)
+    assert vm.config.get(current=1)["net0"] == up
+    assert "pending" not in pending_of(vm)["net0"]
+
+
+def test_a_share_added_to_a_running_vm_waits_for_the_next_start(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """PVE 8.4 cannot hot-plug virtiofs: the share is pending - in GET .../config (pending values taken in) and
+    GET .../pending, not in the current config - until the VM is started again."""
+    pve.state.dir_mappings["photos"] = "/tank/photos"
+    vm = running_vm(api)
+    digest = vm.config.get()["digest"]
+    vm.config.put(virtiofs0="photos")
+    assert pending_of(vm)["virtiofs0"] == {"key": "virtiofs0", "pending": "photos"}
+    assert "virtiofs0" not in vm.config.get(current=1)
+    config = vm.config.get()
+    assert config["virtiofs0"] == "photos" and config["digest"] != digest
+    wait(api, vm.status.stop.post())
+    assert "virtiofs0" not in vm.config.get(current=1)
+    wait(api, vm.status.start.post())
+    assert vm.config.get(current=1)["virtiofs0"] == "photos"
+    assert pending_of(vm)["virtiofs0"] == {"key": "virtiofs0", "value": "photos"}
+
+
+def test_a_running_vm_takes_tags_at_once(api: ProxmoxAPI) -> None:
+    """tags is a fast-plug option: no hot-plug needed."""
+    vm = running_vm(api)
+    vm.config.put(tags="homelab;live")
+    assert vm.config.get(current=1)["tags"] == "homelab;live"
+    assert not [e for e in vm.pending.get() if "pending" in e or "delete" in e]
+
+
+def test_a_stopped_vm_takes_every_change_at_once(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    pve.state.dir_mappings["photos"] = "/tank/photos"
+    wait(api, create_vm(api))
+    vm = api.nodes("pve").qemu(100)
+    vm.config.put(virtiofs0="photos", cores=4, delete="agent")
+    current = vm.config.get(current=1)
+    assert (current["virtiofs0"], current["cores"], "agent" in current) == ("photos", 4, False)
+    assert not [e for e in vm.pending.get() if "pending" in e or "delete" in e]
+
+
+def test_a_pending_deletion_shows_delete_1_or_2_when_forced(api: ProxmoxAPI, pve: PveEmulator) -> None:
+    """The agent device cannot be unplugged, nor a SATA disk: both deletions wait; a forced one (delete 2)
+    frees the volume at the start instead of leaving it unusedN."""
+    wait(api, create_vm(api, sata1="local-zfs:1"))
+    vm = api.nodes("pve").qemu(100)
+    wait(api, vm.status.start.post())
+    vm.config.put(delete="agent")
+    vm.config.put(delete="sata1", force=1)
+    entries = pending_of(vm)
+    assert entries["agent"] == {"key": "agent", "value": "1", "delete": 1}
+    assert entries["sata1"]["delete"] == 2
+    volid = str(entries["sata1"]["value"]).split(",")[0]
+    assert "agent" not in vm.config.get() and vm.config.get(current=1)["agent"] == "1"
+    wait(api, vm.status.stop.post())
+    wait(api, vm.status.start.post())
+    current = vm.config.get(current=1)
+    assert "agent" not in current and "sata1" not in current and "unused0" not in current
+    assert pve.state.volume(volid) is None
+
+
+def test_disks_hot_plug_on_scsi_not_on_sata(api: ProxmoxAPI) -> None:
+    """vmconfig_update_disk: a new SCSI disk is plugged into the running VM (hotplug 'disk' is a default);
+    IDE and SATA cannot be hot-plugged; with hotplug=0 nothing is."""
+    vm = running_vm(api)
+    vm.config.put(scsi1="local-zfs:1", sata1="local-zfs:1")
+    current = vm.config.get(current=1)
+    assert current["scsi1"].startswith("local-zfs:vm-100-disk-") and "sata1" not in current
+    assert pending_of(vm)["sata1"]["pending"].startswith("local-zfs:vm-100-disk-")
+    wait(api, vm.status.stop.post())
+    vm.config.put(hotplug="0")
+    wait(api, vm.status.start.post())
+    vm.config.put(scsi2="local-zfs:1")
+    assert "scsi2" not in vm.config.get(current=1) and "pending" in pending_of(vm)["scsi2"]
+
+
+def test_a_change_that_fails_to_hot_plug_fails_the_call_and_stays_pending(api: ProxmoxAPI) -> None:
+    """A CD drive (the cloud-init one) cannot become a disk on a running VM: raise_param_exc after the config
+    is written, so the change is pending; `revert` takes it back (the new disk becomes unusedN)."""
+    vm = running_vm(api)
+    with pytest.raises(ResourceException) as e:
+        vm.config.put(ide2="local-zfs:1")
+    assert e.value.status_code == 400 and e.value.errors == {"ide2": "hotplug problem - unable to change media type"}
+    assert pending_of(vm)["ide2"]["pending"].startswith("local-zfs:vm-100-disk-")
+    upid = vm.config.post(ide2="local-zfs:1")
+    assert "hotplug problem - unable to change media type" in wait(api, upid)["exitstatus"]
+    vm.config.put(revert="ide2")
+    assert "pending" not in pending_of(vm)["ide2"]
+    assert sorted(k for k in vm.config.get(current=1) if k.startswith("unused")) == ["unused0", "unused1"]
