@@ -446,7 +446,7 @@ def update_config(call: Call) -> Vm:
     vm = call.vm
     check_digest(vm, call.params.get("digest"))
     config, deletes = checked_changes(call, vm)
-    restore = revert(vm, split_list(call.params.get("revert")), deletes)
+    restore = revert(vm, qemu.split_list(call.params.get("revert")), deletes)
     force = boolean(call.params.get("force"))
     modified = {key for key in deletes if qemu.stage_delete(call.state, vm, key, force)}
     if qemu.stage_boot_order(call.state, vm, modified, config):
@@ -455,19 +455,10 @@ def update_config(call: Call) -> Vm:
     for key, value in {**config, **made, **restore}.items():
         qemu.stage_value(call.state, vm, key, value)
     modified |= set(config) | set(restore)
-    qemu.cleanup_pending(vm)
-    if vm.status == "running":
-        errors = qemu.hotplug_pending(call.state, vm, modified)
-    else:
-        errors = qemu.apply_pending(call.state, vm)
+    errors = qemu.apply_changes(call.state, vm, modified)
     if errors:
         raise ParamError(errors)
     return vm
-
-
-def split_list(text: str | None) -> list[str]:
-    """PVE::Tools::split_list."""
-    return [k for k in re.split(r"[,;\s]+", text or "") if k]
 
 
 def checked_changes(call: Call, vm: Vm) -> tuple[dict[str, str], list[str]]:
@@ -475,8 +466,8 @@ def checked_changes(call: Call, vm: Vm) -> tuple[dict[str, str], list[str]]:
     ide2), each key in one role only, the privilege of each and of each drive (old and new), storages,
     bridges."""
     config = qemu.config_only(call.params)
-    deletes = ["ide2" if k == "cdrom" else k for k in split_list(call.params.get("delete"))]
-    check_exclusive(config, deletes, split_list(call.params.get("revert")))
+    deletes = ["ide2" if k == "cdrom" else k for k in qemu.split_list(call.params.get("delete"))]
+    check_exclusive(config, deletes, qemu.split_list(call.params.get("revert")))
     qemu.check_modify_config_perm(call, vm.vmid, deletes)
     for key in deletes:
         value = vm.config.get(key, vm.pending.get(key))
@@ -531,9 +522,13 @@ def set_config_async(call: Call) -> Any:
     except WorkerFailure as e:
         return call.task("qmconfig", vmid, error=str(e))
     except ParamError as e:
-        details = " ".join(f"{k}: {v}" for k, v in (e.errors or {}).items())
-        return call.task("qmconfig", vmid, error=f"400 {e.message} {details}")
+        return call.task("qmconfig", vmid, error=worker_param_error(e.errors or {}))
     return call.task("qmconfig", vmid)
+
+
+def worker_param_error(errors: dict[str, str]) -> str:
+    """A raise_param_exc in a worker as the task's exitstatus: PVE::Exception's text on one line."""
+    return "400 Parameter verification failed. " + " ".join(f"{k}: {v}" for k, v in errors.items())
 
 
 @route("GET", "/nodes/{node}/qemu/{vmid}/pending")
@@ -664,7 +659,8 @@ def reassign_disk(call: Call, vm: Vm, target_vmid: int) -> str:
     """qemu-server's $load_and_check_reassign_configs, in its order: target VM perms, another VMID, both VMs
     on one node, no template, digests, the disk present, the target key free, not a CD, no snapshot using
     it, storage can rename, source stopped unless the disk is unusedN. Then a qmmove task renames the
-    volume to the target VMID (vm-TARGET-disk-N) and moves the key."""
+    volume to the target VMID (vm-TARGET-disk-N), drops the key and attaches it to the target
+    (attach_reassigned)."""
     disk = call.params["disk"]
     target_disk = call.params.get("target-disk", disk)
     call.require(f"/vms/{target_vmid}", ["VM.Config.Disk"])
@@ -708,11 +704,23 @@ def reassign_disk(call: Call, vm: Vm, target_vmid: int) -> str:
     storage.volumes[new_volid] = volume
     del vm.config[disk]
     _, options = parse_options(value)
-    target.config[target_disk] = render_options(new_volid, {} if disk.startswith("unused") else options)
-    return call.task("qmmove", ident, log=[
-        f"reassign disk '{disk}' from VM '{vm.vmid}' as '{target_disk}' to VM '{target_vmid}'",
-        f"removing disk '{disk}' from VM '{vm.vmid}' config",
-    ])
+    log = [f"reassign disk '{disk}' from VM '{vm.vmid}' as '{target_disk}' to VM '{target_vmid}'",
+           f"removing disk '{disk}' from VM '{vm.vmid}' config"]
+    error = attach_reassigned(call.state, target, target_disk,
+                              render_options(new_volid, {} if disk.startswith("unused") else options))
+    return call.task("qmmove", ident, log=log, error=error)
+
+
+def attach_reassigned(state: PveState, target: Vm, key: str, value: str) -> str | None:
+    """$disk_reassignfn: an unusedN is written to the target's config; a drive goes through update_vm_api on the
+    target - pending, then hot-plugged if the target runs and can take it (a SCSI or VirtIO disk with hotplug
+    'disk'), else left for its next start. A hot-plug problem fails the task, the disk moved all the same."""
+    if key.startswith("unused"):
+        target.config[key] = value
+        return None
+    qemu.stage_value(state, target, key, value)
+    errors = qemu.apply_changes(state, target, {key})
+    return worker_param_error(errors) if errors else None
 
 
 def move_to_storage(call: Call, vm: Vm, target: Storage) -> str:

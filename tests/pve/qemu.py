@@ -406,6 +406,11 @@ class HotplugError(Exception):
     """A change that failed: it stays pending and the API call fails with it (raise_param_exc)."""
 
 
+def split_list(text: str | None) -> list[str]:
+    """PVE::Tools::split_list: items separated by commas, semicolons or blanks."""
+    return [k for k in re.split(r"[,;\s]+", text or "") if k]
+
+
 def is_fast_plug(key: str) -> bool:
     return key in FAST_PLUG or re.fullmatch(r"ipconfig\d+", key) is not None
 
@@ -415,7 +420,7 @@ def hotplug_features(config: dict[str, str]) -> set[str]:
     value = config.get("hotplug", "1")
     if value == "0":
         return set()
-    return set(DEFAULT_HOTPLUG) if value == "1" else {f for f in re.split(r"[,;\s]+", value) if f}
+    return set(DEFAULT_HOTPLUG) if value == "1" else set(split_list(value))
 
 
 def usb_hotplug(config: dict[str, str], features: set[str]) -> bool:
@@ -479,6 +484,16 @@ def boot_order(config: dict[str, str]) -> list[str] | None:
     """The devices of `boot: order=a;b;c`; None for a legacy boot string or none."""
     order = parse_options(config.get("boot", ""))[1].get("order")
     return order.split(";") if order is not None else None
+
+
+def apply_changes(state: PveState, vm: Vm, modified: set[str]) -> dict[str, str]:
+    """The end of update_vm_api, once the changes are staged: cleanup_pending, then all of them on a stopped
+    VM (vmconfig_apply_pending), what can be hot-plugged on a running one (vmconfig_hotplug_pending, limited
+    to the `modified` keys). Returns the errors by key (raise_param_exc's)."""
+    cleanup_pending(vm)
+    if vm.status == "running":
+        return hotplug_pending(state, vm, modified)
+    return apply_pending(state, vm)
 
 
 def cleanup_pending(vm: Vm) -> None:

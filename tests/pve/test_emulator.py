@@ -559,3 +559,18 @@ def test_a_change_that_fails_to_hot_plug_fails_the_call_and_stays_pending(api: P
     vm.config.put(revert="ide2")
     assert "pending" not in pending_of(vm)["ide2"]
     assert sorted(k for k in vm.config.get(current=1) if k.startswith("unused")) == ["unused0", "unused1"]
+
+
+def test_a_disk_moved_to_a_running_vm_goes_through_its_pending_changes(api: ProxmoxAPI) -> None:
+    """move_disk to another VM attaches the disk with update_vm_api on the target: a running target takes a SCSI
+    disk at once, a SATA one only at its next start."""
+    vm = running_vm(api)
+    wait(api, api.nodes("pve").qemu.post(vmid=101, scsi1="local-zfs:1", sata1="local-zfs:1"))
+    source = api.nodes("pve").qemu(101)
+    for key in ("scsi1", "sata1"):
+        assert wait(api, source.move_disk.post(disk=key, **{"target-vmid": 100, "target-disk": key}))[
+            "exitstatus"] == "OK"
+    current = vm.config.get(current=1)
+    assert current["scsi1"].startswith("local-zfs:vm-100-disk-") and "sata1" not in current
+    assert pending_of(vm)["sata1"]["pending"].startswith("local-zfs:vm-100-disk-")
+    assert "scsi1" not in source.config.get() and "sata1" not in source.config.get()
