@@ -879,9 +879,7 @@ class _Runner:
             raise DeployError(f"data volume {v.name} ({v.key}) is on neither VM {source} nor VM {target}")
         if v.kind == "share" and v.key in src.config and _dirid(dst.config.get(v.key, "")) == v.mapping:
             # A hot swap undone before blue let go of the share: both have it, the source (green) lets go.
-            if src.status != "stopped":
-                raise DeployError(f"share {v.name}: VM {source} is {src.status}; it lets go of a share stopped only")
-            return {"volume": v.name, "from": source, "to": target, **self.provider.detach(source, v.key)}
+            return self._release_share(volume, source, target)
         if v.key in dst.config:
             raise DeployError(f"data volume {v.name}: both VM {source} and VM {target} have {v.key}")
         if src.status != "stopped":
@@ -897,8 +895,7 @@ class _Runner:
             if v.key in src.config:
                 self.provider.detach(source, v.key)
             holders = [vm.vmid for vm in self.provider.vms()
-                       if vm.vmid != target and any(k.startswith("virtiofs") and _dirid(val) == v.mapping
-                                                    for k, val in vm.config.items())]
+                       if vm.vmid != target and v.mapping in _share_mappings(vm.config)]
             if holders:
                 raise DeployError(f"share {v.mapping} is still attached to VM {holders[0]}: one share, one VM")
             result = self.provider.attach_share(target, v.key, v.mapping)
@@ -961,9 +958,9 @@ class _Runner:
     def _one_mounter(self, vmid: int) -> None:
         """PVE lets two VMs have one directory mapping: before `vmid` takes the production identity (and with it the
         right to mount its shares), no other running VM may have one of them attached."""
-        shares = {_dirid(v) for k, v in self._vm(vmid).config.items() if k.startswith("virtiofs")}
+        shares = _share_mappings(self._vm(vmid).config)
         for vm in self.provider.vms():
-            held = sorted(shares & {_dirid(v) for k, v in vm.config.items() if k.startswith("virtiofs")})
+            held = sorted(shares & _share_mappings(vm.config))
             if vm.vmid != vmid and vm.status != "stopped" and held:
                 raise DeployError(f"share {held[0]} is attached to the running VM {vm.vmid}: VM {vmid} does not take "
                                   "the production identity while another VM may mount it")
@@ -1021,6 +1018,11 @@ class _Runner:
 
 def _dirid(value: str) -> str:
     return value.split(",")[0].removeprefix("dirid=")
+
+
+def _share_mappings(config: Mapping[str, str]) -> set[str]:
+    """The directory mappings a VM config has attached (its virtiofsN keys)."""
+    return {_dirid(value) for key, value in config.items() if key.startswith("virtiofs")}
 
 
 def _until(provider: Provider, deadline: float, what: str,

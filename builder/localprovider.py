@@ -587,7 +587,7 @@ class LocalProvider:
                 lv.snapshot_disk(path, name)
                 continue
             self._qmp(self.vm_dir(vmid), *lv.create_snapshot_command(disk, name))
-            for old in lv.disk_snapshots(path)[:-lv.KEEP_SNAPSHOTS]:
+            for old in lv.stale_snapshots(path):
                 self._qmp(self.vm_dir(vmid), *lv.delete_snapshot_command(disk, old))
         return {"vmid": vmid, "snapshot": lv.snapshot_tag(name), "disks": disks, "live": running is not None}
 

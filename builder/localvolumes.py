@@ -231,8 +231,13 @@ def snapshot_disk(path: Path, snapshot: str) -> None:
     """Snapshot one disk volume (no QEMU may have it open) and prune the tool's older ones past KEEP_SNAPSHOTS."""
     snapshot = snapshot_tag(snapshot)
     run(snapshot_create_argv(path, snapshot))
-    for old in disk_snapshots(path)[:-KEEP_SNAPSHOTS]:
+    for old in stale_snapshots(path):
         run(snapshot_delete_argv(path, old))
+
+
+def stale_snapshots(path: Path) -> list[str]:
+    """The tool's snapshots of a disk past the newest KEEP_SNAPSHOTS, oldest first: what a new snapshot prunes."""
+    return disk_snapshots(path)[:-KEEP_SNAPSHOTS]
 
 
 def restore_disk(path: Path, snapshot: str) -> None:
