@@ -207,6 +207,21 @@ def down_cmd(state: State, role: str, timeout: float) -> None:
     click.echo(f"{role}: powered down" if localvm.stop(state.settings, role, timeout) else f"{role}: not running")
 
 
+abandon_option = click.option("--abandon", is_flag=True,
+                              help="Undo the unfinished deploy instead of resuming it: its cleanup before the cutover, "
+                              "its rollback from the cutover on (not a first deploy, not a green that already serves).")
+
+
+def _refuse_with_abandon(**options: object) -> None:
+    given = [f"--{name}" for name, value in options.items() if value]
+    if given:
+        raise click.UsageError(f"--abandon undoes the unfinished deploy as planned: drop {', '.join(given)}")
+
+
+def _echo_abandon_steps(steps: list[str]) -> None:
+    click.echo("abandoning; to do: " + (", ".join(steps) if steps else "nothing (the recovery is done)"))
+
+
 @main.command("rehearse")
 @click.argument("role")
 @click.option("--swap", is_flag=True, help="Blue-green: replace the local live VM, handing its data volumes over.")
@@ -219,17 +234,28 @@ def down_cmd(state: State, role: str, timeout: float) -> None:
 @click.option("--keep", type=click.IntRange(1, 20), default=2, show_default=True,
               help="Previous local VMs kept stopped for a rollback.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; start nothing.")
+@abandon_option
 @site_option
 @secrets_option
 @click.pass_obj
 @handle_errors
 def rehearse_cmd(state: State, role: str, swap: bool, image: str | None, bridge: str | None, accel: str | None,
-                 memory_mb: int | None, keep: int, dry_run: bool, site: str | None, secrets: str | None) -> None:
+                 memory_mb: int | None, keep: int, dry_run: bool, abandon: bool, site: str | None,
+                 secrets: str | None) -> None:
     """Run ROLE's deploy (or --swap) on this machine with QEMU: the same plan as on Proxmox VE, local volumes in
-    build/ROLE/volumes/, its own journal. A rerun resumes an unfinished one."""
+    build/ROLE/volumes/, its own journal. A rerun resumes an unfinished one; --abandon undoes it."""
     from .deploy import execute, pending_steps
-    from .localprovider import plan_local
+    from .localprovider import abandon_local, abandon_local_steps, plan_local
 
+    if abandon:
+        _refuse_with_abandon(swap=swap, image=image, bridge=bridge)
+        if dry_run:
+            _echo_abandon_steps(abandon_local_steps(state.settings, role))
+            return
+        outcome, what = abandon_local(state.settings, role, state.settings.site_path(_path(site)), accel=accel,
+                                      memory_mb=memory_mb, on_step=lambda text: click.echo(text, err=True))
+        click.echo(f"{role}: local deploy {outcome.deploy_id} abandoned: {what}")
+        return
     plan, resumed, provider, journal = plan_local(
         state.settings, role, state.settings.site_path(_path(site)), state.settings.secrets_path(_path(secrets)),
         image=_path(image), swap=swap, bridge=bridge, accel=accel, memory_mb=memory_mb, keep=keep)
@@ -348,15 +374,27 @@ def _provider(state: State, site_path: str | None, insecure: bool) -> tuple[Any,
 @site_option
 @secrets_option
 @click.option("--insecure", is_flag=True, help="Do not check the API's TLS certificate at all.")
+@abandon_option
 @click.pass_obj
 @handle_errors
 def deploy_cmd(state: State, role: str, image: str | None, swap: bool, dry_run: bool, keep: int, site: str | None,
-               secrets: str | None, insecure: bool) -> None:
-    """Deploy ROLE to Proxmox VE; --swap replaces the live VM blue-green. A rerun resumes an unfinished deploy."""
-    from .deploy import Journal, execute, pending_steps, resume_or_plan
+               secrets: str | None, insecure: bool, abandon: bool) -> None:
+    """Deploy ROLE to Proxmox VE; --swap replaces the live VM blue-green. A rerun resumes an unfinished deploy;
+    --abandon undoes it instead."""
+    from .deploy import Journal, abandon_steps, execute, pending_steps, resume_or_plan
+    from .deploy import abandon as abandon_deploy
 
-    site_obj, provider = _provider(state, site, insecure)
     journal = Journal.for_role(state.settings, role)
+    if abandon:
+        _refuse_with_abandon(swap=swap, image=image)
+        if dry_run:
+            _echo_abandon_steps(abandon_steps(journal, role))
+            return
+        outcome, what = abandon_deploy(journal, role, _provider(state, site, insecure)[1],
+                                       on_step=lambda text: click.echo(text, err=True))
+        click.echo(f"{role}: deploy {outcome.deploy_id} abandoned: {what}")
+        return
+    site_obj, provider = _provider(state, site, insecure)
     plan, resumed = resume_or_plan(state.settings, site_obj, role, _path(image), swap, provider=provider,
                                    journal=journal, secrets_path=state.settings.secrets_path(_path(secrets)),
                                    keep=keep)
@@ -387,7 +425,8 @@ def rollback_cmd(state: State, role: str, dry_run: bool, site: str | None, insec
     journal = Journal.for_role(state.settings, role)
     pending = journal.unfinished()
     if pending is not None:
-        raise DeployError(f"deploy {pending['id']} of {role} is unfinished: rerun `homelab deploy {role}` first")
+        raise DeployError(f"deploy {pending['id']} of {role} is unfinished: rerun `homelab deploy {role}` to "
+                          "finish it (or with --abandon to undo it) first")
     site_obj, provider = _provider(state, site, insecure)
     plan = plan_rollback(state.settings, site_obj, role, provider=provider)
     if dry_run:

@@ -18,13 +18,14 @@ Colours, as VM tags: `green` a candidate (created, not yet serving), `live` the 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -643,11 +644,34 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data: dict[str, Any] = {"deploys": [], "active": None}
-        if path.exists():
+        self._load()
+
+    def _load(self) -> None:
+        if self.path.exists():
             try:
-                self.data = json.loads(path.read_text())
+                self.data = json.loads(self.path.read_text())
             except ValueError as exc:
-                raise DeployError(f"{path}: not a readable journal ({exc}): move it away to start afresh") from None
+                raise DeployError(f"{self.path}: not a readable journal ({exc}): move it away to start afresh"
+                                  ) from None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One deploy of a role at a time: an flock held while steps run (the kernel drops it if the process dies),
+        then the journal read again, so nothing another run wrote before is overwritten."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process"
+                raise DeployError(f"{holder} is deploying with {self.path} now: wait for it to end (or stop it; "
+                                  "a rerun resumes)") from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            self._load()
+            yield
 
     @classmethod
     def for_role(cls, settings: Settings, role: str) -> Journal:
@@ -706,9 +730,71 @@ def execute(plan: DeployPlan, provider: Provider, journal: Journal,
 
     A KeyboardInterrupt (or a killed process) stops right there: the journal says where, a rerun resumes.
     """
+    with journal.exclusive():
+        runner = _Runner(plan, provider, journal, journal.record(plan), on_step or (lambda line: None))
+        return runner.run()
+
+
+def abandon(journal: Journal, role: str, provider: Provider,
+            on_step: Callable[[str], None] | None = None) -> tuple[Outcome, str]:
+    """`--abandon`: undo the role's unfinished deploy instead of resuming it (its cleanup or its rollback, as a
+    failure at that point would have run). Refused for a first deploy and for a green that already serves."""
+    with journal.exclusive():
+        plan = unfinished_plan(journal, role)
+        runner = _Runner(plan, provider, journal, journal.record(plan), on_step or (lambda line: None))
+        return runner.abandon()
+
+
+def unfinished_plan(journal: Journal, role: str) -> DeployPlan:
+    pending = journal.unfinished()
+    if pending is None:
+        raise DeployError(f"no deploy of {role} is unfinished ({journal.path}): nothing to abandon")
+    return DeployPlan.from_json(pending["plan"])
+
+
+def abandon_steps(journal: Journal, role: str) -> list[str]:
+    """What --abandon would still do, for --dry-run (refusals raised as --abandon raises them)."""
+    plan = unfinished_plan(journal, role)
     entry = journal.record(plan)
-    runner = _Runner(plan, provider, journal, entry, on_step or (lambda line: None))
-    return runner.run()
+    return _still_to_do(plan, entry, abandon_phase(plan, entry))
+
+
+def _green_serves(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> bool:
+    """Green passed its health gate (it serves): what is left (snapshot, tags, pruning) is finished, never undone."""
+    names = [s.name for s in plan.steps]
+    if "health-gate" not in names:
+        return False
+    past = current in names and names.index(current) > names.index("health-gate")
+    return past or "health-gate" in entry.get("done", {})
+
+
+def _no_recovery(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> str:
+    if plan.kind == "first":
+        return (f"a first deploy has no previous VM to go back to, and VM {plan.vmid} holds the data volumes "
+                "(deleting it would delete them)")
+    return f"VM {plan.vmid} passed its health gate and serves (`homelab rollback` goes back once it is finished)"
+
+
+def recovery_phase(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> str | None:
+    """How a swap (or rollback) in its forward phase goes back, stopped at `current`: "cleanup" before the cutover
+    (blue untouched), "rollback" once it began; None for a first deploy or a green that already serves."""
+    if plan.kind == "first" or not (plan.cleanup or plan.rollback) or _green_serves(plan, entry, current):
+        return None
+    names = [s.name for s in plan.steps]
+    cut = names.index(plan.cutover)
+    started = any(name in entry.get("done", {}) for name in names[cut:]) or (current in names[cut:])
+    return "rollback" if started else "cleanup"
+
+
+def abandon_phase(plan: DeployPlan, entry: Mapping[str, Any]) -> str:
+    """The phase --abandon runs: the recovery already under way, else the one a failure now would start."""
+    if entry["phase"] != "forward":
+        return str(entry["phase"])
+    current = entry.get("current_done")
+    phase = recovery_phase(plan, entry, current)
+    if phase is None:
+        raise DeployError(f"deploy {plan.deploy_id} cannot be abandoned: {_no_recovery(plan, entry, current)}")
+    return phase
 
 
 class _Runner:
@@ -717,31 +803,41 @@ class _Runner:
         self.plan, self.provider, self.journal, self.entry, self.say = plan, provider, journal, entry, say
 
     def run(self) -> Outcome:
-        phase = self.entry["phase"]
-        if phase == "forward":
+        if self.entry["phase"] == "forward":
             try:
                 self._steps(self.plan.steps, "done")
             except HomelabError as exc:
                 failed = self._failed_step()
                 self.entry["error"] = f"{failed}: {exc}"
                 self.journal.save()
-                if not self.plan.cleanup and not self.plan.rollback:
+                phase = recovery_phase(self.plan, self.entry, failed)
+                if phase is None and _green_serves(self.plan, self.entry, failed):
+                    raise DeployError(f"deploy {self.plan.deploy_id}: VM {self.plan.vmid} serves, but {failed} "
+                                      f"failed: {exc} (rerun to finish)") from None
+                if phase is None:
                     raise DeployError(f"deploy {self.plan.deploy_id} failed at {failed}: {exc} (rerun to resume)"
                                       ) from None
-                names = [s.name for s in self.plan.steps]
-                if "health-gate" in names and failed in names and names.index(failed) > names.index("health-gate"):
-                    # Green passed its health gate and serves: what is left (snapshot, tags, pruning) is retried
-                    # by the rerun, never rolled back.
-                    raise DeployError(f"deploy {self.plan.deploy_id}: VM {self.plan.vmid} serves, but "
-                                      f"{failed} failed: {exc} (rerun to finish)") from None
-                cut = names.index(self.plan.cutover)
-                started_cutover = any(s.name in self.entry["done"] for s in self.plan.steps[cut:]) or \
-                    failed in names[cut:]
-                self.entry["phase"] = "rollback" if started_cutover else "cleanup"
+                self.entry["phase"] = phase
                 self.journal.save()
-                phase = self.entry["phase"]
             else:
                 return self._finish("live")
+        raise DeployError(f"deploy {self.plan.deploy_id} failed at {self.entry['error']}; {self._recover()}")
+
+    def abandon(self) -> tuple[Outcome, str]:
+        """Go back instead of on: the cleanup before the cutover, the rollback from it on. (outcome, what)."""
+        if self.entry["phase"] == "forward":
+            phase = abandon_phase(self.plan, self.entry)
+            pending = [s.name for s in self.plan.steps if s.name not in self.entry["done"]]
+            self.entry["error"] = f"abandoned by the owner before {pending[0] if pending else 'the end'}"
+            self.entry["phase"] = phase
+            self.journal.save()
+        what = self._recover()
+        return Outcome(self.plan.deploy_id, self.entry["outcome"], self.plan.vmid, self.entry["downtime_s"],
+                       self.entry["error"]), what
+
+    def _recover(self) -> str:
+        """Run (or resume) the entry's recovery phase to its end; what it left, in words."""
+        phase = self.entry["phase"]
         recovery = self.plan.rollback if phase == "rollback" else self.plan.cleanup
         key = "rolled" if phase == "rollback" else "cleaned"
         try:
@@ -750,9 +846,8 @@ class _Runner:
             raise DeployError(f"deploy {self.plan.deploy_id}: {self.entry['error']}; then {phase} failed at "
                               f"{self._failed_step(key)}: {exc} (rerun to resume the {phase})") from None
         self._finish("rolled-back" if phase == "rollback" else "cleaned")
-        what = (f"rolled back to VM {self.plan.blue}" if phase == "rollback"
+        return (f"rolled back to VM {self.plan.blue}" if phase == "rollback"
                 else f"VM {self.plan.vmid} deleted, VM {self.plan.blue} untouched")
-        raise DeployError(f"deploy {self.plan.deploy_id} failed at {self.entry['error']}; {what}")
 
     def _failed_step(self, key: str = "done") -> str:
         return str(self.entry.get(f"current_{key}") or "?")
@@ -1115,7 +1210,7 @@ def status_lines(journal: Journal, role: str, last: int = 5) -> list[str]:
     pending = journal.unfinished()
     if pending is not None:
         lines.append(f"unfinished: deploy {pending['id']} ({pending['phase']}): rerun `homelab deploy {role}` to "
-                     "resume")
+                     "resume it, or add --abandon to undo it")
     swaps = [d for d in journal.deploys if d["kind"] in ("swap", "rollback") and d.get("outcome")][-last:]
     for d in swaps:
         lines.append("  " + _history_line(d))
@@ -1158,7 +1253,10 @@ def pending_steps(plan: DeployPlan, journal: Journal) -> list[str]:
     entry = next((d for d in journal.deploys if d["id"] == plan.deploy_id), None)
     if entry is None:
         return [s.name for s in plan.steps]
-    phase = entry["phase"]
+    return _still_to_do(plan, entry, entry["phase"])
+
+
+def _still_to_do(plan: DeployPlan, entry: Mapping[str, Any], phase: str) -> list[str]:
     steps, key = {"forward": (plan.steps, "done"), "rollback": (plan.rollback, "rolled"),
                   "cleanup": (plan.cleanup, "cleaned")}[phase]
     done = entry.get(key, {})

@@ -57,11 +57,14 @@ from .deploy import (
     Outcome,
     VmInfo,
     VmSpec,
+    abandon,
+    abandon_steps,
     execute,
     health_gate,
     parse_net,
     render_net,
     resume_or_plan,
+    unfinished_plan,
 )
 from .errors import BootError, DeployError, HomelabError
 from .localvm import (
@@ -721,3 +724,21 @@ def deploy_local(settings: Settings, role: str, site_path: Path, secrets_path: P
     plan, _resumed, provider, journal = plan_local(settings, role, site_path, secrets_path, image=image, swap=swap,
                                                    bridge=bridge, accel=accel, memory_mb=memory_mb, keep=keep)
     return execute(plan, provider, journal, on_step)
+
+
+def abandon_local(settings: Settings, role: str, site_path: Path, *, accel: str | None = None,
+                  memory_mb: int | None = None, on_step: Callable[[str], None] | None = None) -> tuple[Outcome, str]:
+    """`homelab rehearse ROLE --abandon`: undo the unfinished local deploy (deploy.abandon) on the bridge its plan
+    names, so blue comes back where it served."""
+    journal = Journal(journal_path(settings, role))
+    plan = unfinished_plan(journal, role)
+    create = next((s for s in plan.steps if s.action == "create_vm"), None)
+    bridge = str(create.args["bridge"]) if create is not None else "none"
+    provider = LocalProvider(settings, role, user=load_site(site_path).admin_user,
+                             bridge=None if bridge == "none" else bridge, accel=accel, memory_mb=memory_mb)
+    return abandon(journal, role, provider, on_step)
+
+
+def abandon_local_steps(settings: Settings, role: str) -> list[str]:
+    """What `homelab rehearse ROLE --abandon` would still do (--dry-run)."""
+    return abandon_steps(Journal(journal_path(settings, role)), role)

@@ -480,6 +480,99 @@ def test_a_killed_swap_resumes_where_it_stopped(env: Env, method: str, nth: int,
     assert_invariants(env, disk)
 
 
+# --- abandoning an unfinished deploy --------------------------------------------------------------------------------
+
+
+def killed_swap(env: Env, method: str, nth: int) -> dict[str, Any]:
+    """A swap killed at the nth call of a provider method: its journal entry, unfinished."""
+    first_deploy(env)
+    env.build()
+    with pytest.raises(KeyboardInterrupt):
+        env.deploy(swap=True, provider=Interrupting(env.provider(), method, nth))
+    entry = env.journal.unfinished()
+    assert entry is not None
+    return entry
+
+
+def test_abandoning_a_swap_killed_before_the_cutover_deletes_green_and_never_touches_blue(env: Env) -> None:
+    entry = killed_swap(env, "agent_exec", 1)  # verification's first command
+    blue, disk = env.pve.state.vms[101], env.disk()
+    before = dict(blue.config)
+    start = len(env.pve.requests)
+    dry = homelab("deploy", ROLE, "--abandon", "--dry-run", "--site", str(env.site.path))
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.strip() == ("abandoning; to do: cleanup: stop-green, cleanup: detach-appdata, cleanup: "
+                                  "detach-photos, cleanup: detach-media, cleanup: detach-backups, cleanup: "
+                                  "detach-logs, cleanup: destroy-green")
+    assert len(env.pve.requests) == start  # a dry run reads the journal only
+    result = homelab("deploy", ROLE, "--abandon", "--site", str(env.site.path))
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == \
+        f"intranet: deploy {entry['id']} abandoned: VM 102 deleted, VM 101 untouched"
+    assert 102 not in env.pve.state.vms
+    assert blue.status == "running" and blue.config == before
+    assert not [r for r in env.pve.requests[start:] if "/101/" in r.path and r.method != "GET"]
+    assert_invariants(env, disk)
+    last = env.journal.deploys[-1]
+    assert (last["outcome"], last["error"]) == ("cleaned", "abandoned by the owner before verify")
+    assert env.journal.unfinished() is None
+    assert env.deploy(swap=True).outcome == "live"  # a new swap starts afresh
+
+
+@pytest.mark.parametrize(("method", "nth", "step"), [("move_disk", 1, "hand-postgres"),
+                                                      ("detach", 2, "release-photos"),
+                                                      ("health_gate", 1, "health-gate")])
+def test_abandoning_a_swap_killed_in_the_cutover_hands_everything_back_to_blue(env: Env, method: str, nth: int,
+                                                                                step: str) -> None:
+    entry = killed_swap(env, method, nth)
+    assert entry["current_done"] == step
+    disk = env.disk()
+    outcome, what = deploy.abandon(env.journal, ROLE, env.provider())
+    assert (outcome.outcome, what) == ("rolled-back", "rolled back to VM 101")
+    assert outcome.error == f"abandoned by the owner before {step}"
+    assert assert_invariants(env, disk).vmid == 101
+    green = env.pve.state.vms[102]
+    assert green.status == "stopped" and "failed" in green.config["tags"].split(";")
+    assert env.journal.unfinished() is None
+
+
+def test_a_green_that_already_serves_is_finished_not_abandoned(env: Env) -> None:
+    entry = killed_swap(env, "set_tags", 1)  # tag-live, after green passed its health gate
+    assert entry["current_done"] == "tag-live"
+    start = len(env.pve.requests)
+    text = one_line(homelab("deploy", ROLE, "--abandon", "--site", str(env.site.path)))
+    assert text == (f"error: deploy {entry['id']} cannot be abandoned: VM 102 passed its health gate and serves "
+                    "(`homelab rollback` goes back once it is finished)")
+    assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
+    assert env.deploy(swap=True).outcome == "live"
+    assert_invariants(env, env.disk())
+
+
+def test_a_first_deploy_cannot_be_abandoned_and_nothing_unfinished_is_one_line(env: Env) -> None:
+    env.build()
+    with pytest.raises(KeyboardInterrupt):
+        env.deploy(swap=False, provider=Interrupting(env.provider(), "health_gate", 1))
+    text = one_line(homelab("deploy", ROLE, "--abandon", "--dry-run", "--site", str(env.site.path)))
+    assert "cannot be abandoned: a first deploy has no previous VM to go back to, and VM 101 holds the data " \
+           "volumes" in text
+    assert env.deploy(swap=False).outcome == "live"
+    text = one_line(homelab("deploy", ROLE, "--abandon", "--site", str(env.site.path)))
+    assert text.startswith("error: no deploy of intranet is unfinished (") and text.endswith("nothing to abandon")
+    usage = homelab("deploy", ROLE, "--abandon", "--swap", "--site", str(env.site.path))
+    assert usage.exit_code == 2 and "--abandon undoes the unfinished deploy as planned: drop --swap" in usage.output
+
+
+def test_two_deploys_of_a_role_never_run_at_once(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    start = len(env.pve.requests)
+    with env.journal.exclusive(), pytest.raises(DeployError, match=r"^pid \d+ is deploying with .*"
+                                                                     r"deploy-journal\.json now: wait"):
+        env.deploy(swap=True)
+    assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
+    assert env.deploy(swap=True).outcome == "live"
+
+
 # --- bad input: one line, nothing created ------------------------------------------------------------------------
 
 

@@ -378,6 +378,35 @@ def test_the_deploys_seed_names_share_tags_that_differ_from_the_volume_names(
     assert lv.TAGS_PATH in user_data and "intranet-photos" in user_data
 
 
+def _tool_key(settings: Settings) -> None:
+    key = settings.build_dir / "ssh" / "id_ed25519"  # the tool's key exists: no ssh-keygen
+    key.parent.mkdir(parents=True)
+    key.write_text("private\n")
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKTyw7qlTCQ0cVhxqVa20CkFDXdHJ6FdTZ+djApxheZ2 local\n"
+    key.with_suffix(".pub").write_text(public)
+
+
+def test_abandon_runs_the_unfinished_plan_on_the_bridge_it_was_made_for(settings: Settings,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blue comes back on the bridge it served on, whatever options the abandoning command was given."""
+    _fake_build(settings)
+    _tool_key(settings)
+    monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])
+    plan, resumed, _provider, journal = lp.plan_local(settings, ROLE, SITE, FIXTURES / "site" / "test-secrets.yaml",
+                                                      bridge="br-served")
+    assert not resumed
+    with pytest.raises(DeployError, match="no deploy of intranet is unfinished"):
+        lp.abandon_local(settings, ROLE, SITE)
+    journal.record(plan)
+    seen: list[lp.LocalProvider] = []
+    monkeypatch.setattr(lp, "abandon", lambda journal, role, provider, on_step: seen.append(provider) or "undone")
+    result: object = lp.abandon_local(settings, ROLE, SITE)
+    assert result == "undone"
+    assert [provider.bridge for provider in seen] == ["br-served"]
+    with pytest.raises(DeployError, match=f"deploy {plan.deploy_id} cannot be abandoned: a first deploy"):
+        lp.abandon_local_steps(settings, ROLE)
+
+
 def test_rehearse_dry_run_prints_the_engines_plan_and_starts_nothing(settings: Settings,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
@@ -387,11 +416,7 @@ def test_rehearse_dry_run_prints_the_engines_plan_and_starts_nothing(settings: S
     from builder.cli import main
 
     role_dir = _fake_build(settings)
-    key = settings.build_dir / "ssh" / "id_ed25519"  # the tool's key exists: no ssh-keygen
-    key.parent.mkdir(parents=True)
-    key.write_text("private\n")
-    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKTyw7qlTCQ0cVhxqVa20CkFDXdHJ6FdTZ+djApxheZ2 local\n"
-    key.with_suffix(".pub").write_text(public)
+    _tool_key(settings)
     monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])  # tested below, host-dependent
     monkeypatch.setenv("HOMELAB_PROJECT", str(settings.project))
     monkeypatch.setenv("HOMELAB_BUILD_DIR", str(settings.build_dir))
