@@ -144,6 +144,7 @@ def main(role: str = "intranet") -> None:
                 restart_in_place(settings, role, blue)
                 prober.wait_serving()
                 restart = prober.downtime(since)
+            print(f"in-place restart: {restart} s of downtime", flush=True)  # kept if a later step fails
             change_motd(settings)
             build(settings, role)
             with Prober(lan, url) as prober:
@@ -152,6 +153,7 @@ def main(role: str = "intranet") -> None:
                 _green, recorded = deploy(settings, role, network.bridge, swap=True)
                 prober.wait_serving()
                 swap = prober.downtime(since)
+            print(f"swap: {swap} s of downtime seen, {recorded} s recorded", flush=True)
         finally:
             stop_all(settings, role)
     report([(f"{role}: in-place compose down && up --wait, downtime", restart),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -20,15 +21,19 @@ async def _execute(sock: Path, command: str, arguments: dict[str, Any] | None) -
     try:
         return await client.execute(command, arguments)
     finally:
-        await client.disconnect()
+        # After `quit` QEMU closes the monitor as soon as it answered: the disconnect then meets EOF, which says
+        # nothing about the command (its answer, or its error, is already in).
+        with contextlib.suppress(EOFError, OSError, QMPError):
+            await client.disconnect()
 
 
 def execute(sock: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10) -> Any:
     """Run one QMP command against a QEMU's monitor socket and return its result."""
     try:
         return asyncio.run(asyncio.wait_for(_execute(sock, command, arguments), timeout))
-    except (TimeoutError, OSError, QMPError) as exc:
-        raise BootError(f"QMP {command} on {sock} failed: {exc or 'timed out'}") from None
+    except (TimeoutError, OSError, EOFError, QMPError) as exc:
+        why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "the monitor closed")
+        raise BootError(f"QMP {command} on {sock} failed: {why}") from None
 
 
 def wait_for_monitor(sock: Path, timeout: float, alive: Any) -> None:
