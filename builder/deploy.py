@@ -983,6 +983,9 @@ class _Runner:
             raise DeployError(f"share {v.name}: VM {target} is {dst.status}; virtiofs cannot be hot-plugged")
         if v.kind == "disk":  # into a running target: hot-plugged (PVE's reassign, QMP locally)
             result = self.provider.move_disk(source, v.key, target)
+            if dst.status != "stopped" and v.key not in self._vm(target).config:
+                raise DeployError(f"data volume {v.name}: VM {target} did not hot-plug {v.key} (the change is "
+                                  "pending until a restart): check its `hotplug` option holds disk")
         else:
             assert v.mapping is not None
             # A share is a host directory: between the detach and the attach (a crash) it is on neither VM,

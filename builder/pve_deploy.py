@@ -53,7 +53,9 @@ class ProxmoxProvider:
 
     def vm(self, vmid: int) -> VmInfo | None:
         try:
-            config = self.pve.get(f"{self._qemu(vmid)}/config")
+            # What the VM runs with, not pending changes (a hot-plug PVE could not do stays pending until a
+            # restart): the hand-over and the one-mounter guard must see the devices a running VM really has.
+            config = self.pve.get(f"{self._qemu(vmid)}/config", current=1)
         except ProxmoxError as exc:
             if "does not exist" in str(exc):
                 return None
@@ -107,6 +109,9 @@ class ProxmoxProvider:
         config: dict[str, Any] = {
             "vmid": spec.vmid, "name": spec.name, "cores": spec.cores, "memory": spec.memory_mb,
             "ostype": "l26", "scsihw": "virtio-scsi-single", "agent": "1", "boot": f"order={ROOT_DISK}",
+            # PVE's default, spelt out: the swap hot-plugs the data disk into the running green (`disk`) and
+            # toggles its link (`network`); a host-wide change of the default must not turn that into pending.
+            "hotplug": "network,disk,usb",
             ROOT_DISK: f"{self.storages['images']}:0,import-from={spec.image_volid}",
             SEED_DRIVE: f"{spec.seed_volid},media=cdrom",
             "net0": render_net("virtio", spec.mac, net), "tags": ";".join(spec.tags),

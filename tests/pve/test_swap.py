@@ -244,6 +244,7 @@ def test_swap_hands_the_data_to_green_and_keeps_blue_stopped_for_rollback(env: E
     assert len(env.pve.calls("POST", r"/qemu/102/status/start$")) == 1
     assert not env.pve.calls("POST", r"/qemu/102/status/(shutdown|stop)$")
     assert env.pve.calls("POST", r"^/nodes/pve/qemu$")[-1].params["virtiofs1"] == "photos"
+    assert env.pve.calls("POST", r"^/nodes/pve/qemu$")[-1].params["hotplug"] == "network,disk,usb"
     assert all(r.status == 200 for r in env.pve.requests if r.method != "GET"), \
         [(r.method, r.path, r.status) for r in env.pve.requests if r.status != 200]
     entry = env.journal.deploys[-1]
@@ -676,3 +677,28 @@ def test_status_and_history_read_the_journal(env: Env) -> None:
     assert back.exit_code == 0, back.output
     assert back.output.strip().splitlines()[-1].startswith(f"intranet: VM 101 live again, version {1:012x}")
     assert assert_invariants(env, env.disk()).vmid == 101
+
+
+class HotplugOff:
+    """The provider, except that green's `hotplug` loses `disk` once it runs (an owner's change on the host)."""
+
+    def __init__(self, inner: ProxmoxProvider, pve: PveEmulator) -> None:
+        self.inner, self.pve = inner, pve
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def start(self, vmid: int) -> dict[str, Any]:
+        result = self.inner.start(vmid)
+        self.pve.state.vms[vmid].config["hotplug"] = "network,usb"
+        return result
+
+
+def test_a_disk_left_pending_by_the_hot_plug_fails_the_hand_over_and_rolls_back(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at hand-postgres: data volume postgres: VM 102 did not hot-plug "
+                                          r"scsi1 \(the change is pending until a restart\).*rolled back to VM 101"):
+        env.deploy(swap=True, provider=HotplugOff(env.provider(), env.pve))
+    assert assert_invariants(env, disk) is blue
