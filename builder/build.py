@@ -28,7 +28,7 @@ from .definition import ImageDefinition, load_role
 from .errors import BuildError, CommandFailedError, NotRootError
 from .firewall import RULESET_DEST, ruleset
 from .localvolumes import VOLUMES_DEST, volumes_json
-from .lock import LOCK_NAME, Lock, LockEntry, images_in_compose, load_lock, repository, skopeo_argv
+from .lock import Lock, LockEntry, repository, skopeo_argv
 from .progress import Reporter, Silent
 from .runner import describe, require_tool, run, run_streaming
 from .settings import Settings
@@ -62,6 +62,7 @@ class BuildPlan:
     # "full": debootstrap + packages, leaving a package layer in the cache; "incremental": from that layer.
     mode: str = "full"
     layer: Path = Path()
+    lock: Lock | None = field(default=None, repr=False, compare=False)  # the stack's, as checked while planning
 
     def describe(self) -> str:
         lines = [
@@ -244,8 +245,9 @@ BASE_AND_OS_ELEMENTS = {"debian-minimal", "vm", "cloud-init", "cloud-init-dataso
 def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPlan:
     """What a build will do. Incremental when a fresh package layer for this package set is cached."""
     definition = load_role(settings.project, role)
-    # The stack must be valid and locked before anything is built (ports, pins, digests).
-    check_stack(settings.project, definition, None, None)
+    # The stack must be valid and locked before anything is built (ports, pins, digests); the build fetches what
+    # this lock says, read once.
+    lock = check_stack(settings.project, definition, None, None)
     layer = layer_path(settings, role, layer_key(definition, settings))
     mode = "incremental" if not refresh and layer_is_fresh(layer) else "full"
     baked = baked_hashes(definition, settings.project)
@@ -265,6 +267,7 @@ def plan_build(settings: Settings, role: str, refresh: bool = False) -> BuildPla
         definition=definition,
         mode=mode,
         layer=layer,
+        lock=lock,
     )
 
 
@@ -344,14 +347,6 @@ def _mkdirs(stage: Path, directory: Path) -> None:
         os.chmod(d, 0o755)
 
 
-def stack_lock(definition: ImageDefinition, project: Path) -> Lock | None:
-    if not definition["compose"]:
-        return None
-    directory = project / definition["compose"]
-    return load_lock(directory / LOCK_NAME, images_in_compose(directory / "compose.yaml"), project=project,
-                     role=definition.role)
-
-
 def archive_config_digest(archive: Path) -> str:
     """The image ID a docker-archive tarball loads as: sha256 of its config blob."""
     with tarfile.open(archive) as tar:
@@ -392,7 +387,7 @@ def fetch_image(settings: Settings, image: str, entry: LockEntry) -> Path:
 
 def fetch_container_images(ctx: BuildContext) -> None:
     """Every image of the stack, by digest, into the staged tree with an index the VM's loader reads."""
-    lock = stack_lock(ctx.plan.definition, ctx.settings.project)
+    lock = ctx.plan.lock
     if lock is None:
         return
     target = ctx.stage / IMAGES_DEST.lstrip("/")

@@ -213,8 +213,9 @@ def check_stack(
     *,
     secrets_source: str = "secrets file",
     require_lock: bool = True,
-) -> None:
-    """Raise DefinitionError (one line: file:line: key: what) at the first problem of the role's stack.
+) -> Lock | None:
+    """Raise DefinitionError (one line: file:line: key: what) at the first problem of the role's stack; the lock it
+    checked the stack against (None without one).
 
     `secrets` is the secrets file's mapping (common and roles), named `secrets_source` in errors; None skips the
     secrets (a build has none: they arrive at boot). `site` None skips the zones. `lock` None reads the stack's
@@ -222,7 +223,7 @@ def check_stack(
     A role without a compose stack has nothing to check.
     """
     if not definition["compose"]:
-        return
+        return None
     directory = project / definition["compose"]
     compose_path = directory / "compose.yaml"
     doc = load_located(compose_path)
@@ -240,7 +241,7 @@ def check_stack(
     _check_interpolation(stack, doc.data, ())
     if site is not None:
         _check_zones(definition, site)
-    _check_lock(stack, services, lock, require_lock)
+    return _check_lock(stack, services, lock, require_lock)
 
 
 def _got(service: dict[str, Any], key: str) -> str:
@@ -506,12 +507,12 @@ def _check_zones(definition: ImageDefinition, site: Site) -> None:
                 )
 
 
-def _check_lock(stack: _Stack, services: dict[str, Any], lock: Lock | None, require_lock: bool) -> None:
+def _check_lock(stack: _Stack, services: dict[str, Any], lock: Lock | None, require_lock: bool) -> Lock | None:
     images = {name: service["image"] for name, service in services.items()}
     if lock is None:
         path = stack.directory / LOCK_NAME
         if not path.is_file() and not require_lock:
-            return
+            return None
         if not path.is_file():
             raise DefinitionError(
                 f"{display(stack.directory, stack.project)}: no lock file: run `homelab lock {stack.role}`"
@@ -523,3 +524,4 @@ def _check_lock(stack: _Stack, services: dict[str, Any], lock: Lock | None, requ
         if image not in lock:
             raise stack.error(("services", name, "image"), f"{image} is not in {display(lock.path, stack.project)}: "
                                                            f"run `homelab lock {stack.role}`")
+    return lock
