@@ -405,7 +405,8 @@ def fetch_container_images(ctx: BuildContext) -> None:
     ctx.container_images = index
 
 
-def run_diskimage_builder(ctx: BuildContext) -> None:
+def dib_command(ctx: BuildContext) -> tuple[list[str], dict[str, str]]:
+    """disk-image-create's argv and environment for this build (after the work directory is prepared)."""
     env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
     # DIB's helpers (dib-run-parts, element-info) live beside our interpreter in a virtualenv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -413,6 +414,11 @@ def run_diskimage_builder(ctx: BuildContext) -> None:
     Path(env["DIB_IMAGE_CACHE"]).mkdir(parents=True, exist_ok=True)
     argv = list(ctx.plan.argv)
     argv[0] = str(Path(sys.executable).parent / "disk-image-create") if _venv_has_dib() else require_tool(argv[0])
+    return argv, env
+
+
+def run_diskimage_builder(ctx: BuildContext) -> None:
+    argv, env = dib_command(ctx)
 
     def on_line(line: str) -> None:
         match = _PHASE_RE.search(line)
