@@ -103,6 +103,9 @@ PORT_FIELDS = [
     Field("from", NonEmptyListOf(Str(choices=ZONES)),
           "Firewall zones allowed to connect (the site file's zones.<zone>); every other source is refused.",
           required=True),
+    Field("health", Str(pattern=r"/\S*", what="an HTTP path starting with /"),
+          "The service's own HTTP health endpoint on this (tcp) port: a deploy's health gate asks it on the VM, "
+          "and green serves only when it answers (an HTTP status below 400)."),
 ]
 
 IMAGE_FIELDS = [
@@ -170,6 +173,7 @@ def load_definition(path: Path, project: Path, role: str | None = None) -> Image
     values = check_mapping(doc.data, IMAGE_FIELDS, (), doc)
     _check_sources_exist(values, project, doc)
     _check_volume_names_unique(values, doc)
+    _check_health_on_tcp(values, doc)
     return ImageDefinition(role=role or path.stem, path=path, values=values)
 
 
@@ -223,3 +227,10 @@ def _check_volume_names_unique(values: dict[str, Any], doc: Any) -> None:
 
 def fields_help() -> list[tuple[str, str, str]]:
     return help_rows(IMAGE_FIELDS)
+
+
+def _check_health_on_tcp(values: dict[str, Any], doc: Any) -> None:
+    for i, port in enumerate(values["ports"]):
+        if port["health"] is not None and port["proto"] != "tcp":
+            raise DefinitionError(f"{doc.where(('ports', i, 'health'))}: ports[{i}].health: an HTTP endpoint needs a "
+                                  f"tcp port, not {port['proto']}")

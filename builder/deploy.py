@@ -67,6 +67,28 @@ HEALTH_COMMANDS: tuple[tuple[str, ...], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A service's own HTTP health endpoint (the definition's ports[].health), asked on the VM itself."""
+
+    service: str
+    port: int
+    path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def command(self) -> tuple[str, ...]:
+        # -f: an HTTP status of 400 or more fails; no -L: a redirect is an answer.
+        return ("curl", "-fsS", "-o", "/dev/null", "--max-time", "5", self.url)
+
+
+def health_endpoints(definition_ports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The definition's health endpoints as a plan's step arguments (JSON for the journal)."""
+    return [asdict(Endpoint(p["service"], p["port"], p["health"])) for p in definition_ports if p.get("health")]
+
+
 # --- what a provider is ----------------------------------------------------------------------------------------
 
 
@@ -135,7 +157,7 @@ class Provider(Protocol):
     def set_link(self, vmid: int, up: bool, mac: str | None = None) -> dict[str, Any]: ...
     def set_tags(self, vmid: int, tags: tuple[str, ...]) -> dict[str, Any]: ...
     def destroy_vm(self, vmid: int) -> dict[str, Any]: ...
-    def health_gate(self, vmid: int, deadline: float) -> dict[str, Any]: ...
+    def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]: ...
 
 
 # --- tags and NICs -----------------------------------------------------------------------------------------------
@@ -467,6 +489,7 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     version = str(manifest["version"])
     vm = definition["vm"]
     tags = vm_tags(role, ("green",), version, deploy_id)
+    endpoints = health_endpoints(definition["ports"])
     # A swap's green: blue's MAC with its link down (the link is the production identity: toggled at the cutover,
     # no reconfiguration, no ARP wait), the shares attached from the start (virtiofs cannot be hot-plugged on
     # PVE 8.4; the guest mounts nothing while its link is down), the disks hot-plugged at the cutover.
@@ -488,8 +511,10 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     if not swap:
         steps += [
             Step("start", "start", {"vmid": vmid}, f"start VM {vmid}"),
-            Step("health-gate", "health_gate", {"vmid": vmid, "deadline": HEALTH_DEADLINE, "mark": "healthy"},
-                 f"agent ping, {STACK_UNIT} active, compose services healthy (deadline {HEALTH_DEADLINE:.0f} s)"),
+            Step("health-gate", "health_gate", {"vmid": vmid, "deadline": HEALTH_DEADLINE, "mark": "healthy",
+                                                "endpoints": endpoints},
+                 f"agent ping, {STACK_UNIT} active, compose services healthy{_asked(endpoints)} (deadline "
+                 f"{HEALTH_DEADLINE:.0f} s)"),
             Step("tag-live", "set_tags", {"vmid": vmid, "colour": ["live"]}, f"tag VM {vmid} live"),
         ]
         return DeployPlan(role, "first", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path),
@@ -508,19 +533,22 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
           for v in volumes if v.kind == "share"],
         Step("destroy-green", "destroy_checked", {"vmid": vmid}, f"delete VM {vmid} (it never held data)"),
     )
-    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep, green_running=True)
+    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep, green_running=True, endpoints=endpoints)
     return DeployPlan(role, "swap", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path), seed_sha,
                       vmid, blue, tuple(volumes), tuple(steps + cut[0]), cleanup, cut[1], cut[0][0].name)
 
 
 def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume], keep: int, *,
-             green_running: bool = False) -> tuple[list[Step], tuple[Step, ...]]:
+             green_running: bool = False, endpoints: list[dict[str, Any]] | None = None
+             ) -> tuple[list[Step], tuple[Step, ...]]:
     """The cutover from blue to green and its rollback (shared by swap and `homelab rollback`).
 
     green_running (a swap): green was booted and verified while blue served, and keeps running: its disks are
     hot-plugged (move_disk to a running VM), its shares were attached at its creation, and the downtime is blue's
     stop plus green's stack start, never a boot. Otherwise (`homelab rollback`: the previous VM is stopped) the
-    volumes move between stopped VMs and green boots with them."""
+    volumes move between stopped VMs and green boots with them. `endpoints` are asked of green only: they are
+    the current definition's, and a VM of an older image (blue, or the target of `homelab rollback`) may not have
+    them."""
     disks = [v for v in volumes if v.kind == "disk"]
     snap = f"homelab-{deploy_id}"
     steps = [
@@ -555,8 +583,10 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
         Step("start-stack", "start_stack", {"vmid": green, "deadline": HEALTH_DEADLINE,
                                             **({"mark": "green_started"} if green_running else {})},
              f"agent exec on VM {green}: systemctl start {STACK_UNIT} (mounts the volumes, starts the containers)"),
-        Step("health-gate", "health_gate", {"vmid": green, "deadline": HEALTH_DEADLINE, "mark": "healthy"},
-             f"{STACK_UNIT} active, compose services healthy (deadline {HEALTH_DEADLINE:.0f} s; downtime ends)"),
+        Step("health-gate", "health_gate", {"vmid": green, "deadline": HEALTH_DEADLINE, "mark": "healthy",
+                                            "endpoints": endpoints or []},
+             f"{STACK_UNIT} active, compose services healthy{_asked(endpoints or [])} (deadline "
+             f"{HEALTH_DEADLINE:.0f} s; downtime ends)"),
     ]
     if disks:
         steps.append(Step("drop-snapshot", "drop_snapshot", {"vmid": green, "name": snap},
@@ -589,6 +619,11 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
         Step("tag-failed", "set_tags", {"vmid": green, "colour": ["failed"]}, f"tag VM {green} failed (stopped)"),
     ]
     return steps, tuple(rollback)
+
+
+def _asked(endpoints: list[dict[str, Any]]) -> str:
+    return (", then " + ", ".join(f"{e['service']} :{e['port']}{e['path']}" for e in endpoints) + " answer"
+            if endpoints else "")
 
 
 def _volumes_on(role: str, vm: VmInfo, volumes: list[DataVolume]) -> list[DataVolume]:
@@ -935,8 +970,9 @@ class _Runner:
             result["isolated"] = (active.out or active.err).strip() or "inactive"
         return result
 
-    def _health_gate(self, vmid: int, deadline: float, mark: str | None = None) -> dict[str, Any]:
-        result = self.provider.health_gate(vmid, deadline)
+    def _health_gate(self, vmid: int, deadline: float, mark: str | None = None,
+                     endpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        result = self.provider.health_gate(vmid, deadline, tuple(Endpoint(**e) for e in endpoints or ()))
         self._mark(mark)
         return result
 
@@ -1181,7 +1217,7 @@ def compose_unhealthy(text: str) -> list[str]:
     return bad or ([] if rows else ["no containers"])
 
 
-def health_once(provider: Provider, vmid: int) -> dict[str, Any] | str:
+def health_once(provider: Provider, vmid: int, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any] | str:
     try:
         provider.agent_ping(vmid)
     except HomelabError as exc:
@@ -1195,12 +1231,18 @@ def health_once(provider: Provider, vmid: int) -> dict[str, Any] | str:
     bad = compose_unhealthy(ps.out)
     if bad:
         return "not healthy: " + ", ".join(bad)
-    return {"vmid": vmid, "healthy": True}
+    for endpoint in endpoints:  # compose's healthchecks run in the containers: this asks the published port
+        answer = provider.agent_exec(vmid, endpoint.command(), HEALTH_DEADLINE)
+        if answer.exitcode != 0:
+            return f"{endpoint.service} {endpoint.url}: curl exited {answer.exitcode}: {answer.err.strip()[:200]}"
+    return {"vmid": vmid, "healthy": True, **({"endpoints": [e.url for e in endpoints]} if endpoints else {})}
 
 
-def health_gate(provider: Provider, vmid: int, deadline: float) -> dict[str, Any]:
-    """Agent ping, the stack unit active, every compose service running and healthy; retried until the deadline."""
-    return _until(provider, deadline, f"VM {vmid} is not healthy", lambda: health_once(provider, vmid))
+def health_gate(provider: Provider, vmid: int, deadline: float,
+                endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
+    """Agent ping, the stack unit active, every compose service running and healthy, then each service's own HTTP
+    health endpoint answering on the VM; retried until the deadline."""
+    return _until(provider, deadline, f"VM {vmid} is not healthy", lambda: health_once(provider, vmid, endpoints))
 
 
 # --- reading the journal -------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from .definition import load_role
 from .deploy import (
     KEEP_ROLLBACKS,
     DeployPlan,
+    Endpoint,
     GuestResult,
     Journal,
     Outcome,
@@ -568,8 +569,8 @@ class LocalProvider:
         finally:
             agent.close()
 
-    def health_gate(self, vmid: int, deadline: float) -> dict[str, Any]:
-        return health_gate(self, vmid, deadline)
+    def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
+        return health_gate(self, vmid, deadline, endpoints)
 
     # --- data volumes
 

@@ -10,6 +10,7 @@ from . import proxmox
 from .deploy import (
     ROOT_DISK,
     SEED_DRIVE,
+    Endpoint,
     GuestResult,
     VmInfo,
     VmSpec,
@@ -204,6 +205,6 @@ class ProxmoxProvider:
         upid = self.pve.call("DELETE", self._qemu(vmid), **{"destroy-unreferenced-disks": 0})
         return {"destroyed": vmid, **self._task(upid)}
 
-    def health_gate(self, vmid: int, deadline: float) -> dict[str, Any]:
-        return health_gate(self, vmid, deadline)
+    def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
+        return health_gate(self, vmid, deadline, endpoints)
 

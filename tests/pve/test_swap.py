@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from builder import deploy, proxmox
 from builder.cli import main
 from builder.cloudinit import Seed
+from builder.definition import load_role
 from builder.deploy import Journal, Outcome
 from builder.errors import DeployError
 from builder.proxmox import Pve, Target
@@ -55,6 +56,7 @@ class Guests:
     degraded: bool = False  # booted, but a unit failed
     healthy: bool = True
     mounts_isolated: bool = False  # an image without the link guard: mounts its shares while isolated
+    endpoint_down: str | None = None  # the URL of a service's own health endpoint that does not answer
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
@@ -68,6 +70,12 @@ class Guests:
         commands[line(deploy.HEALTH_COMMANDS[0])] = ExecResult(out="active\n")
         commands[line(deploy.HEALTH_COMMANDS[1])] = ExecResult(
             out=HEALTHY_PS if self.healthy else '{"Service":"db","State":"running","Health":"unhealthy"}\n')
+        for port in load_role(ROOT, ROLE)["ports"]:
+            if port["health"]:
+                endpoint = deploy.Endpoint(port["service"], port["port"], port["health"])
+                commands[line(endpoint.command())] = (
+                    ExecResult(exitcode=22, err="curl: (22) The requested URL returned error: 503\n")
+                    if endpoint.url == self.endpoint_down else ExecResult())
         commands[f"systemctl stop {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl is-active {deploy.VOLUMES_UNIT}"] = (
@@ -424,6 +432,22 @@ def test_a_fault_at_any_step_loses_nothing_and_a_rerun_converges(env: Env, name:
     assert f"v-{env.versions:012x}" in live.config["tags"].split(";")
     fired = [f for f in env.pve.faults.faults if f.fired]
     assert fired, f"the fault at {name} never fired"
+
+
+def test_a_service_whose_own_endpoint_fails_keeps_green_from_serving(env: Env) -> None:
+    """Compose says healthy (its checks run in the containers), but Immich's port does not answer on the VM."""
+    blue = first_deploy(env)
+    disk = env.disk()
+    asked = {line(r.params["command"]) for r in env.pve.calls("POST", r"/qemu/101/agent/exec$")}
+    assert "curl -fsS -o /dev/null --max-time 5 http://127.0.0.1:2283/api/server/ping" in asked
+    assert "curl -fsS -o /dev/null --max-time 5 http://127.0.0.1:8096/health" in asked
+    env.guests.endpoint_down = "http://127.0.0.1:2283/api/server/ping"
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at health-gate: VM 102 is not healthy within 600 s: immich "
+                                          r"http://127\.0\.0\.1:2283/api/server/ping: curl exited 22: curl: \(22\) "
+                                          r"The requested URL returned error: 503; rolled back to VM 101"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, disk) is blue  # blue's own gate asks no endpoint: its image may predate them
 
 
 def test_a_failure_during_the_rollback_is_resumed_by_the_rerun(env: Env) -> None:

@@ -174,6 +174,7 @@ def test_fields_help_has_a_row_for_every_field_including_nested_ones() -> None:
         "ports[].proto",
         "ports[].service",
         "ports[].from",
+        "ports[].health",
         "vpn_gateway",
     ]
 
