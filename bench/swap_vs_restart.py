@@ -3,7 +3,8 @@
 
 Both are measured from outside, as a user sees them: a client in the site's LAN zone (a network namespace on the
 test bridge, tests/netlab.py) asks a service's own health endpoint every 0.5 s. The downtime of an operation is
-from the last answer before it failed to the first answer after. In one run:
+the sum of its outages, each from the last answer before it failed to the first answer after (a swap can have
+more than one: green joining the bridge, then the cutover). In one run:
 
 1. build the role (stacks locked against stand-in images on loopback, as the VM tests do) and deploy it first;
 2. restart in place: `docker compose down && docker compose up --detach --wait` of the stack on the live VM, over ssh;
@@ -88,17 +89,30 @@ class Prober:
                 raise SystemExit(f"{self.url} did not answer within {timeout:.0f} s")
             time.sleep(INTERVAL)
 
-    def downtime(self, since: float) -> float:
-        """From the last answer before the first failure after `since` to the first answer after it."""
+    def outages(self, since: float) -> list[tuple[float, float]]:
+        """Every outage after `since`: (last answer before it, first answer after it), in monotonic seconds."""
         probes = [s for s in self.samples if s[0] >= since]
-        first_down = next((i for i, (_t, ok) in enumerate(probes) if not ok), None)
-        if first_down is None:
-            raise SystemExit(f"{self.url} never stopped answering: nothing was measured")
-        back = next((t for t, ok in probes[first_down:] if ok), None)
-        if back is None:
+        out: list[tuple[float, float]] = []
+        last_up = probes[0][0] if probes else since
+        down = False
+        for stamp, ok in probes:
+            if ok and down:
+                out.append((last_up, stamp))
+            if ok:
+                last_up = stamp
+            down = not ok
+        if down:
             raise SystemExit(f"{self.url} did not answer again")
-        last_up = probes[first_down - 1][0] if first_down else probes[0][0]
-        return round(back - last_up, 1)
+        return out
+
+    def downtime(self, since: float) -> float:
+        """All the time without an answer after `since` (a swap may have more than one outage: count them all)."""
+        outages = self.outages(since)
+        if not outages:
+            raise SystemExit(f"{self.url} never stopped answering: nothing was measured")
+        for start, end in outages:
+            print(f"  outage of {end - start:.1f} s, {start - since:.1f} s after the operation started", flush=True)
+        return round(sum(end - start for start, end in outages), 1)
 
 
 def build(settings: Settings, role: str) -> None:
