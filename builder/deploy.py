@@ -881,8 +881,10 @@ class _Runner:
             raise DeployError(f"deploy {self.plan.deploy_id}: {self.entry['error']}; then {phase} failed at "
                               f"{self._failed_step(key)}: {exc} (rerun to resume the {phase})") from None
         self._finish("rolled-back" if phase == "rollback" else "cleaned")
-        return (f"rolled back to VM {self.plan.blue}" if phase == "rollback"
-                else f"VM {self.plan.vmid} deleted, VM {self.plan.blue} untouched")
+        if phase == "rollback":
+            return f"rolled back to VM {self.plan.blue}"
+        # `homelab rollback` has no cleanup: stopped before its first step, it had changed nothing.
+        return f"VM {self.plan.vmid} deleted, VM {self.plan.blue} untouched" if self.plan.cleanup else "nothing changed"
 
     def _failed_step(self, key: str = "done") -> str:
         return str(self.entry.get(f"current_{key}") or "?")

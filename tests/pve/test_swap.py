@@ -587,6 +587,19 @@ def test_a_first_deploy_cannot_be_abandoned_and_nothing_unfinished_is_one_line(e
     assert usage.exit_code == 2 and "--abandon undoes the unfinished deploy as planned: drop --swap" in usage.output
 
 
+def test_a_homelab_rollback_abandoned_before_its_first_step_changed_nothing(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    env.deploy(swap=True)
+    plan = deploy.plan_rollback(env.settings, env.site, ROLE, provider=env.provider())
+    env.journal.record(plan)  # the process killed right after planning
+    start = len(writes(env.pve))
+    outcome, what = deploy.abandon(env.journal, ROLE, env.provider())
+    assert (outcome.outcome, what) == ("cleaned", "nothing changed")
+    assert writes(env.pve)[start:] == []
+    assert assert_invariants(env, env.disk()).vmid == 102
+
+
 def test_two_deploys_of_a_role_never_run_at_once(env: Env) -> None:
     first_deploy(env)
     env.build()
