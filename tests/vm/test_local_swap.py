@@ -117,30 +117,31 @@ def _with_deadline(plan: DeployPlan, seconds: float) -> DeployPlan:
     return dataclasses.replace(plan, steps=steps)
 
 
+@pytest.fixture(scope="class")
+def rehearsal(request: pytest.FixtureRequest, settings: Settings, network: ZoneNetwork,
+              stack_project: Path) -> Iterator[Rehearsal]:
+    request.cls.failed = False
+    localvm.stop(settings, ROLE)  # a `homelab boot` VM of the role would only take memory
+    _clean(settings)
+    run = Rehearsal(settings, network.bridge, stack_project)
+    try:
+        yield run
+    finally:
+        for path, text in run.saved.items():  # the session's project copy back as it was
+            path.write_text(text)
+        if run.first_manifest is not None and run.first_manifest.exists():
+            # Later tests boot the role's newest build: the unchanged project's again, not the broken one.
+            os.utime(run.first_manifest)
+        keep = os.environ.get("HOMELAB_KEEP_VM", "")
+        if keep == "always" or (keep == "on_error" and request.cls.failed):
+            print(f"\nkeeping the local VMs of {ROLE}: {settings.role_dir(ROLE)}/vm-*/ssh_config")
+        else:
+            _clean(settings)
+
+
 class TestLocalSwap:
     role = ROLE  # the `network` fixture reads it
     failed = False
-
-    @pytest.fixture(scope="class")
-    def rehearsal(self, request: pytest.FixtureRequest, settings: Settings, network: ZoneNetwork,
-                  stack_project: Path) -> Iterator[Rehearsal]:
-        request.cls.failed = False
-        localvm.stop(settings, ROLE)  # a `homelab boot` VM of the role would only take memory
-        _clean(settings)
-        run = Rehearsal(settings, network.bridge, stack_project)
-        try:
-            yield run
-        finally:
-            for path, text in run.saved.items():  # the session's project copy back as it was
-                path.write_text(text)
-            if run.first_manifest is not None and run.first_manifest.exists():
-                # Later tests boot the role's newest build: the unchanged project's again, not the broken one.
-                os.utime(run.first_manifest)
-            keep = os.environ.get("HOMELAB_KEEP_VM", "")
-            if keep == "always" or (keep == "on_error" and request.cls.failed):
-                print(f"\nkeeping the local VMs of {ROLE}: {settings.role_dir(ROLE)}/vm-*/ssh_config")
-            else:
-                _clean(settings)
 
     def test_first_deploy_mounts_the_volumes_and_serves(self, rehearsal: Rehearsal) -> None:
         rehearsal.build()
