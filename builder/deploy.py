@@ -800,7 +800,8 @@ def _green_serves(plan: DeployPlan, entry: Mapping[str, Any], current: str | Non
     if "health-gate" not in names:
         return False
     past = current in names and names.index(current) > names.index("health-gate")
-    return past or "health-gate" in entry.get("done", {})
+    # The gate marks `healthy` a save before it is journaled done: a kill in between still has green serving.
+    return past or "health-gate" in entry.get("done", {}) or "healthy" in entry.get("marks", {})
 
 
 def _no_recovery(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> str:
@@ -884,7 +885,11 @@ class _Runner:
         if phase == "rollback":
             return f"rolled back to VM {self.plan.blue}"
         # `homelab rollback` has no cleanup: stopped before its first step, it had changed nothing.
-        return f"VM {self.plan.vmid} deleted, VM {self.plan.blue} untouched" if self.plan.cleanup else "nothing changed"
+        if not self.plan.cleanup:
+            return "nothing changed"
+        left = any("left" in result for result in self.entry.get("cleaned", {}).values())
+        green = f"VM {self.plan.vmid} left alone (not this deploy's)" if left else f"VM {self.plan.vmid} deleted"
+        return f"{green}, VM {self.plan.blue} untouched"
 
     def _failed_step(self, key: str = "done") -> str:
         return str(self.entry.get(f"current_{key}") or "?")
@@ -949,10 +954,17 @@ class _Runner:
             return {"vmid": vmid, "already": "running"}
         return self.provider.start(vmid)
 
+    def _foreign(self, vm: VmInfo) -> bool:
+        """A cleanup acts only on the green this deploy created: if its create failed because another VM took the
+        VMID meanwhile, that VM is someone else's (no d-<deploy id> tag) and is left alone."""
+        return self.entry["phase"] == "cleanup" and f"d-{self.plan.deploy_id}" not in vm.tags
+
     def _stop(self, vmid: int) -> dict[str, Any]:
         vm = self.provider.vm(vmid)
         if vm is None or vm.status == "stopped":
             return {"vmid": vmid, "already": "stopped" if vm else "gone"}
+        if self._foreign(vm):
+            return {"vmid": vmid, "left": "not this deploy's VM"}
         return self.provider.stop(vmid)
 
     def _shutdown(self, vmid: int) -> dict[str, Any]:
@@ -1020,6 +1032,10 @@ class _Runner:
         if dst.status != "stopped" and v.kind == "share":
             raise DeployError(f"share {v.name}: VM {target} is {dst.status}; virtiofs cannot be hot-plugged")
         if v.kind == "disk":  # into a running target: hot-plugged (PVE's reassign, QMP locally)
+            if dst.status != "stopped" and "disk" not in _hotplug_features(dst.config.get("hotplug", "1")):
+                # Checked before the move: a disk PVE left pending on green is on neither VM as they run.
+                raise DeployError(f"data volume {v.name}: VM {target} cannot hot-plug {v.key} (its hotplug option "
+                                  f"{dst.config.get('hotplug')!r} lacks disk)")
             result = self.provider.move_disk(source, v.key, target)
             if dst.status != "stopped" and v.key not in self._vm(target).config:
                 raise DeployError(f"data volume {v.name}: VM {target} did not hot-plug {v.key} (the change is "
@@ -1054,6 +1070,8 @@ class _Runner:
         vm = self.provider.vm(vmid)
         if vm is None or key not in vm.config:
             return {"vmid": vmid, "already": "detached"}
+        if self._foreign(vm):
+            return {"vmid": vmid, "left": "not this deploy's VM"}
         return {"vmid": vmid, "detached": key, **self.provider.detach(vmid, key)}
 
     def _snapshot(self, vmid: int, name: str) -> dict[str, Any]:
@@ -1127,6 +1145,8 @@ class _Runner:
         vm = self.provider.vm(vmid)
         if vm is None:
             return {"vmid": vmid, "already": "gone"}
+        if self._foreign(vm):
+            return {"vmid": vmid, "left": "not this deploy's VM"}
         reason = self._holds_data(vm)
         if reason:
             raise DeployError(f"VM {vmid} not deleted: {reason}")
@@ -1154,6 +1174,11 @@ class _Runner:
 
 def _dirid(value: str) -> str:
     return value.split(",")[0].removeprefix("dirid=")
+
+
+def _hotplug_features(value: str) -> set[str]:
+    """PVE's `hotplug` option: '0' nothing, '1' (the default) network,disk,usb, else the listed features."""
+    return {"0": set(), "1": {"network", "disk", "usb"}}.get(value, set(value.split(",")))
 
 
 def _share_mappings(config: Mapping[str, str]) -> set[str]:

@@ -716,8 +716,8 @@ def test_status_and_history_read_the_journal(env: Env) -> None:
     assert assert_invariants(env, env.disk()).vmid == 101
 
 
-class HotplugOff:
-    """The provider, except that green's `hotplug` loses `disk` once it runs (an owner's change on the host)."""
+class Meddling:
+    """The provider, with the emulator at hand for a subclass that changes the host's state behind its back."""
 
     def __init__(self, inner: ProxmoxProvider, pve: PveEmulator) -> None:
         self.inner, self.pve = inner, pve
@@ -725,17 +725,46 @@ class HotplugOff:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+
+class HotplugOff(Meddling):
+    """Green's `hotplug` loses `disk` once it runs (an owner's change on the host)."""
+
     def start(self, vmid: int) -> dict[str, Any]:
         result = self.inner.start(vmid)
         self.pve.state.vms[vmid].config["hotplug"] = "network,usb"
         return result
 
 
-def test_a_disk_left_pending_by_the_hot_plug_fails_the_hand_over_and_rolls_back(env: Env) -> None:
+def test_a_green_that_cannot_hot_plug_the_disk_never_gets_it_and_the_swap_rolls_back(env: Env) -> None:
     blue = first_deploy(env)
     disk = env.disk()
     env.build()
-    with pytest.raises(DeployError, match=r"failed at hand-postgres: data volume postgres: VM 102 did not hot-plug "
-                                          r"scsi1 \(the change is pending until a restart\).*rolled back to VM 101"):
+    with pytest.raises(DeployError, match=r"failed at hand-postgres: data volume postgres: VM 102 cannot hot-plug "
+                                          r"scsi1 \(its hotplug option 'network,usb' lacks disk\).*rolled back to "
+                                          r"VM 101"):
         env.deploy(swap=True, provider=HotplugOff(env.provider(), env.pve))
     assert assert_invariants(env, disk) is blue
+    assert not env.pve.calls("POST", r"/move_disk$")[1:], "the disk left blue"  # only the first deploy's none
+
+
+class VmidTaken(Meddling):
+    """Another VM (not ours) takes green's VMID just before the create."""
+
+    def create_vm(self, spec: Any) -> dict[str, Any]:
+        self.pve.state.vms[spec.vmid] = Vm(spec.vmid, "pve", {"name": "someone-else", "memory": "512",
+                                                              "virtiofs0": "appdata"}, status="running")
+        return self.inner.create_vm(spec)
+
+
+def test_the_cleanup_leaves_a_vm_that_took_greens_vmid_alone(env: Env) -> None:
+    blue = first_deploy(env)
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at create: .*VM 102 left alone \(not this deploy's\), "
+                                                        r"VM 101 untouched"):
+        env.deploy(swap=True, provider=VmidTaken(env.provider(), env.pve))
+    other = env.pve.state.vms[102]
+    assert other.status == "running" and other.config["virtiofs0"] == "appdata" and other.name == "someone-else"
+    assert not [r for r in env.pve.requests if "/qemu/102" in r.path and r.method != "GET"]
+    assert blue.status == "running"
+    cleaned = env.journal.deploys[-1]["cleaned"]
+    assert cleaned["stop-green"]["left"] == cleaned["destroy-green"]["left"] == "not this deploy's VM"
