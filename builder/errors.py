@@ -46,6 +46,10 @@ class BootError(HomelabError):
     """The local VM did not start or did not come up in time (includes the serial log tail)."""
 
 
+class GuestPanic(BootError):
+    """The guest kernel panicked while booting (its serial log says so): there is no point waiting for ssh."""
+
+
 class VerifyError(HomelabError):
     """The testinfra suite found failures."""
 

@@ -67,9 +67,10 @@ from .deploy import (
     resume_or_plan,
     unfinished_plan,
 )
-from .errors import BootError, DeployError, HomelabError
+from .errors import BootError, DeployError, GuestPanic, HomelabError
 from .localvm import (
     LOCAL_ZONES,
+    PANIC_ATTEMPTS,
     VMState,
     _alive,
     _free_port,
@@ -80,6 +81,7 @@ from .localvm import (
     choose_accel,
     ensure_ssh_key,
     guest_networks,
+    kernel_initialised,
     launch_with_fallback,
     qemu_argv,
 )
@@ -388,10 +390,22 @@ class LocalProvider:
         if self.state(vmid) is not None:
             return {"vmid": vmid, "already": "running"}
         accel = self.accel or choose_accel(self.settings, None)
-        state = launch_with_fallback(self.settings, accel, self.accel is None,
-                                     lambda chosen: self._launch(vmid, record, chosen),
-                                     lambda running: self._halt(vmid, running, graceful=False))
-        return {"vmid": vmid, "pid": state.pid, "accel": state.accel, "ssh_port": state.ssh_port}
+        panics: list[str] = []
+        while True:
+            state = launch_with_fallback(self.settings, accel, self.accel is None,
+                                         lambda chosen: self._launch(vmid, record, chosen),
+                                         lambda running: self._halt(vmid, running, graceful=False))
+            panic = kernel_initialised(state)
+            if panic is None:
+                break
+            # Before init nothing has mounted the root or data disks: starting again from here is a clean start.
+            self._halt(vmid, state, graceful=False)
+            panics.append(panic)
+            if len(panics) == PANIC_ATTEMPTS:
+                raise GuestPanic(f"local VM {vmid}'s kernel panicked in each of {PANIC_ATTEMPTS} starts: {panic}")
+            accel = state.accel
+        started = {"vmid": vmid, "pid": state.pid, "accel": state.accel, "ssh_port": state.ssh_port}
+        return {**started, "panics": panics} if panics else started
 
     def _launch(self, vmid: int, record: dict[str, Any], accel: str) -> VMState:
         require_tool("qemu-system-x86_64")

@@ -317,6 +317,7 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
     monkeypatch.setattr(lp.qmp, "execute", lambda sock, command, arguments=None, timeout=10: sent.append(
         (command, arguments)))
     monkeypatch.setattr(lp, "ensure_ssh_key", lambda s: settings.build_dir / "ssh" / "id_ed25519")
+    monkeypatch.setattr(lp, "kernel_initialised", lambda state: None)  # its serial log: tests/unit/test_localvm.py
     provider.accel = "tcg"
     result = provider.start(101)
     volumes = settings.build_dir / ROLE / "volumes"
@@ -339,6 +340,54 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
     assert lv.share_holders(lv.lock_path(settings, ROLE, "appdata"))["holder"] is None
     state = json.loads((vmdir / "state.json").read_text())
     assert state["ssh_port"] == result["ssh_port"] and state["tap"] == "hl101-intranet"
+
+
+class PanickyStarts:
+    """QEMU launches (recorded) whose kernels panic before init the given number of times, then start init."""
+
+    def __init__(self, settings: Settings, provider: lp.LocalProvider, monkeypatch: pytest.MonkeyPatch,
+                 panics: int) -> None:
+        self.panics = panics
+        self.launched: list[str] = []
+        self.halted: list[int] = []
+        monkeypatch.setattr(lp, "launch_with_fallback", lambda s, accel, may, launch, halt: self.launch(accel))
+        monkeypatch.setattr(lp, "kernel_initialised", self.kernel_initialised)
+        monkeypatch.setattr(provider, "_halt", lambda vmid, state, graceful: self.halted.append(state.pid))
+        self.run_dir = str(settings.build_dir)
+
+    def launch(self, accel: str) -> lp.VMState:
+        self.launched.append(accel)
+        return lp.VMState(role=ROLE, pid=4000 + len(self.launched), accel=accel, image="", version="", ssh_port=1,
+                          user="u", hostname="h", address="", run_dir=self.run_dir)
+
+    def kernel_initialised(self, state: lp.VMState) -> str | None:
+        if len(self.launched) > self.panics:
+            return None
+        return "Kernel panic - not syncing: Fatal exception in interrupt"
+
+
+def test_a_kernel_that_panics_before_init_is_started_again(settings: Settings, provider: lp.LocalProvider,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    provider.create_vm(_spec(settings, 101, {}))
+    provider.accel = "tcg"
+    starts = PanickyStarts(settings, provider, monkeypatch, panics=2)
+    result = provider.start(101)
+    assert (starts.launched, starts.halted) == (["tcg", "tcg", "tcg"], [4001, 4002])
+    assert result["pid"] == 4003
+    assert result["panics"] == ["Kernel panic - not syncing: Fatal exception in interrupt"] * 2
+
+
+def test_a_kernel_that_panics_at_every_start_is_the_error(settings: Settings, provider: lp.LocalProvider,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.errors import GuestPanic
+
+    provider.create_vm(_spec(settings, 101, {}))
+    provider.accel = "tcg"
+    starts = PanickyStarts(settings, provider, monkeypatch, panics=3)
+    with pytest.raises(GuestPanic, match=r"^local VM 101's kernel panicked in each of 3 starts: Kernel panic - not "
+                                         r"syncing: Fatal exception in interrupt$"):
+        provider.start(101)
+    assert starts.halted == [4001, 4002, 4003]  # nothing left running
 
 
 # --- `homelab rehearse` ---------------------------------------------------------------------------------------------
