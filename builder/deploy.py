@@ -902,7 +902,7 @@ class _Runner:
             self.entry[f"current_{key}"] = step.name
             self.journal.save()
             self.say(f"{step.name}: {step.what}")
-            result = getattr(self, f"_{step.action}")(**step.args)
+            result = self._not_ours(step) or getattr(self, f"_{step.action}")(**step.args)
             done[step.name] = {"at": time.time(), **(result or {})}
             self.entry[f"current_{key}"] = None
             self.journal.save()
@@ -954,17 +954,20 @@ class _Runner:
             return {"vmid": vmid, "already": "running"}
         return self.provider.start(vmid)
 
-    def _foreign(self, vm: VmInfo) -> bool:
+    def _not_ours(self, step: Step) -> dict[str, Any] | None:
         """A cleanup acts only on the green this deploy created: if its create failed because another VM took the
-        VMID meanwhile, that VM is someone else's (no d-<deploy id> tag) and is left alone."""
-        return self.entry["phase"] == "cleanup" and f"d-{self.plan.deploy_id}" not in vm.tags
+        VMID meanwhile, that VM is someone else's (no d-<deploy id> tag) and every cleanup step on it is skipped."""
+        if self.entry["phase"] != "cleanup" or step.args.get("vmid") != self.plan.vmid:
+            return None
+        vm = self.provider.vm(self.plan.vmid)
+        if vm is None or f"d-{self.plan.deploy_id}" in vm.tags:
+            return None
+        return {"vmid": vm.vmid, "left": "not this deploy's VM"}
 
     def _stop(self, vmid: int) -> dict[str, Any]:
         vm = self.provider.vm(vmid)
         if vm is None or vm.status == "stopped":
             return {"vmid": vmid, "already": "stopped" if vm else "gone"}
-        if self._foreign(vm):
-            return {"vmid": vmid, "left": "not this deploy's VM"}
         return self.provider.stop(vmid)
 
     def _shutdown(self, vmid: int) -> dict[str, Any]:
@@ -1070,8 +1073,6 @@ class _Runner:
         vm = self.provider.vm(vmid)
         if vm is None or key not in vm.config:
             return {"vmid": vmid, "already": "detached"}
-        if self._foreign(vm):
-            return {"vmid": vmid, "left": "not this deploy's VM"}
         return {"vmid": vmid, "detached": key, **self.provider.detach(vmid, key)}
 
     def _snapshot(self, vmid: int, name: str) -> dict[str, Any]:
@@ -1145,8 +1146,6 @@ class _Runner:
         vm = self.provider.vm(vmid)
         if vm is None:
             return {"vmid": vmid, "already": "gone"}
-        if self._foreign(vm):
-            return {"vmid": vmid, "left": "not this deploy's VM"}
         reason = self._holds_data(vm)
         if reason:
             raise DeployError(f"VM {vmid} not deleted: {reason}")
