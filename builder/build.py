@@ -319,6 +319,10 @@ def stage_baked_files(ctx: BuildContext) -> None:
         _mkdirs(stage, target.parent)
         shutil.copyfile(src, target)
         os.chmod(target, int(mode, 8))
+        # The version (and the manifest) were computed from the files as planned: bake exactly those.
+        if ctx.plan.baked.get(dest) != sha256_file(target):
+            raise BuildError(f"{src} changed after the build was planned (an edit or `homelab lock` meanwhile): "
+                             "run the build again")
     for dest, (content, mode) in generated_files(ctx.plan.definition).items():
         target = stage / dest.lstrip("/")
         _mkdirs(stage, target.parent)

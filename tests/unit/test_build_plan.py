@@ -272,6 +272,15 @@ def test_stage_holds_exactly_the_planned_files_and_image_info(ctx: BuildContext)
     assert baked_list == sorted(ctx.plan.baked)
 
 
+def test_a_file_changed_after_planning_is_not_baked(settings: Settings, ctx: BuildContext) -> None:
+    """The plan's version and manifest name the files as they were: a later edit (or `homelab lock`) would bake
+    content that neither records."""
+    (settings.project / "compose" / "web" / "compose.yaml").write_text("services: {}\n")
+    with pytest.raises(BuildError, match=r"^.*/compose/web/compose\.yaml changed after the build was planned \(an "
+                                         r"edit or `homelab lock` meanwhile\): run the build again$"):
+        stage_baked_files(ctx)
+
+
 @pytest.fixture
 def strict_umask() -> Iterator[None]:
     previous = os.umask(0o077)
