@@ -158,6 +158,8 @@ class Provider(Protocol):
     def set_tags(self, vmid: int, tags: tuple[str, ...]) -> dict[str, Any]: ...
     def destroy_vm(self, vmid: int) -> dict[str, Any]: ...
     def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]: ...
+    # The role's testinfra suite against a VM (`expect`: role, hostname, address, user, the image's manifest path).
+    def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]: ...
 
 
 # --- tags and NICs -----------------------------------------------------------------------------------------------
@@ -490,6 +492,9 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     vm = definition["vm"]
     tags = vm_tags(role, ("green",), version, deploy_id)
     endpoints = health_endpoints(definition["ports"])
+    # What the role's testinfra suite expects of the new VM (run at the end of its health gate).
+    expect = {"role": role, "hostname": host.hostname, "address": host.address, "user": site.admin_user,
+              "manifest": str(manifest_of(qcow2))}
     # A swap's green: blue's MAC with its link down (the link is the production identity: toggled at the cutover,
     # no reconfiguration, no ARP wait), the shares attached from the start (virtiofs cannot be hot-plugged on
     # PVE 8.4; the guest mounts nothing while its link is down), the disks hot-plugged at the cutover.
@@ -515,6 +520,7 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
                                                 "endpoints": endpoints},
                  f"agent ping, {STACK_UNIT} active, compose services healthy{_asked(endpoints)} (deadline "
                  f"{HEALTH_DEADLINE:.0f} s)"),
+            _suite_step(vmid, expect),
             Step("tag-live", "set_tags", {"vmid": vmid, "colour": ["live"]}, f"tag VM {vmid} live"),
         ]
         return DeployPlan(role, "first", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path),
@@ -533,22 +539,23 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
           for v in volumes if v.kind == "share"],
         Step("destroy-green", "destroy_checked", {"vmid": vmid}, f"delete VM {vmid} (it never held data)"),
     )
-    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep, green_running=True, endpoints=endpoints)
+    cut = _cutover(role, deploy_id, blue, vmid, volumes, keep, green_running=True, endpoints=endpoints,
+                   expect=expect)
     return DeployPlan(role, "swap", deploy_id, version, str(qcow2), manifest["sha256"], str(seed_path), seed_sha,
                       vmid, blue, tuple(volumes), tuple(steps + cut[0]), cleanup, cut[1], cut[0][0].name)
 
 
 def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[DataVolume], keep: int, *,
-             green_running: bool = False, endpoints: list[dict[str, Any]] | None = None
-             ) -> tuple[list[Step], tuple[Step, ...]]:
+             green_running: bool = False, endpoints: list[dict[str, Any]] | None = None,
+             expect: dict[str, Any] | None = None) -> tuple[list[Step], tuple[Step, ...]]:
     """The cutover from blue to green and its rollback (shared by swap and `homelab rollback`).
 
     green_running (a swap): green was booted and verified while blue served, and keeps running: its disks are
     hot-plugged (move_disk to a running VM), its shares were attached at its creation, and the downtime is blue's
     stop plus green's stack start, never a boot. Otherwise (`homelab rollback`: the previous VM is stopped) the
-    volumes move between stopped VMs and green boots with them. `endpoints` are asked of green only: they are
-    the current definition's, and a VM of an older image (blue, or the target of `homelab rollback`) may not have
-    them."""
+    volumes move between stopped VMs and green boots with them. `endpoints` are asked of green only, and the
+    testinfra suite (`expect`) runs against green only: they are the current definition's and suite, and a VM of
+    an older image (blue, or the target of `homelab rollback`) may not have them."""
     disks = [v for v in volumes if v.kind == "disk"]
     snap = f"homelab-{deploy_id}"
     steps = [
@@ -588,6 +595,8 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
              f"{STACK_UNIT} active, compose services healthy{_asked(endpoints or [])} (deadline "
              f"{HEALTH_DEADLINE:.0f} s; downtime ends)"),
     ]
+    if expect is not None:  # green serves from here; a failure still rolls back, with the data snapshot kept
+        steps.append(_suite_step(green, expect))
     if disks:
         steps.append(Step("drop-snapshot", "drop_snapshot", {"vmid": green, "name": snap},
                           f"delete snapshot {snap} (move_disk refuses disks a snapshot references)"))
@@ -619,6 +628,12 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
         Step("tag-failed", "set_tags", {"vmid": green, "colour": ["failed"]}, f"tag VM {green} failed (stopped)"),
     ]
     return steps, tuple(rollback)
+
+
+def _suite_step(vmid: int, expect: dict[str, Any]) -> Step:
+    return Step("testinfra", "run_suite", {"vmid": vmid, "expect": expect, "mark": "suite_passed"},
+                f"the {expect['role']} testinfra suite (tests/infra) against VM {vmid} over ssh, as "
+                f"{expect['user']}@{expect['address'].split('/')[0]}")
 
 
 def _asked(endpoints: list[dict[str, Any]]) -> str:
@@ -766,8 +781,28 @@ def execute(plan: DeployPlan, provider: Provider, journal: Journal,
     A KeyboardInterrupt (or a killed process) stops right there: the journal says where, a rerun resumes.
     """
     with journal.exclusive():
+        _still_current(journal, plan)
         runner = _Runner(plan, provider, journal, journal.record(plan), on_step or (lambda line: None))
         return runner.run()
+
+
+def _still_current(journal: Journal, plan: DeployPlan) -> None:
+    """Planning read the journal before the lock was taken: under it, refuse a plan another run overtook meanwhile
+    (it left a deploy unfinished, or it changed which VM is live)."""
+    pending = journal.unfinished()
+    if pending is not None:
+        if pending["id"] != plan.deploy_id:
+            raise DeployError(f"deploy {pending['id']} of {plan.role} was left unfinished while this one was "
+                              f"planned: rerun `homelab deploy {plan.role}` to resume it, or add --abandon to undo it")
+        return  # resuming this plan
+    if any(entry["id"] == plan.deploy_id for entry in journal.deploys):
+        return
+    live = (journal.data.get("active") or {}).get("vmid")
+    if live != plan.blue:
+        def name(vmid: int | None) -> str:
+            return f"VM {vmid}" if vmid is not None else "none"
+        raise DeployError(f"the live VM of {plan.role} changed while this deploy was planned (planned against "
+                          f"{name(plan.blue)}, now {name(live)}): run it again")
 
 
 def abandon(journal: Journal, role: str, provider: Provider,
@@ -795,13 +830,16 @@ def abandon_steps(journal: Journal, role: str) -> list[str]:
 
 
 def _green_serves(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> bool:
-    """Green passed its health gate (it serves): what is left (snapshot, tags, pruning) is finished, never undone."""
+    """Green passed its whole health gate (it serves): what is left (snapshot, tags, pruning) is finished, never
+    undone. The gate ends with the testinfra suite where the plan runs it (plans journaled before it did not)."""
     names = [s.name for s in plan.steps]
-    if "health-gate" not in names:
+    end = next((name for name in ("testinfra", "health-gate") if name in names), None)
+    if end is None:
         return False
-    past = current in names and names.index(current) > names.index("health-gate")
-    # The gate marks `healthy` a save before it is journaled done: a kill in between still has green serving.
-    return past or "health-gate" in entry.get("done", {}) or "healthy" in entry.get("marks", {})
+    past = current in names and names.index(current) > names.index(end)
+    # The gate marks its end a save before it is journaled done: a kill in between still has green serving.
+    mark = "suite_passed" if end == "testinfra" else "healthy"
+    return past or end in entry.get("done", {}) or mark in entry.get("marks", {})
 
 
 def _no_recovery(plan: DeployPlan, entry: Mapping[str, Any], current: str | None) -> str:
@@ -990,6 +1028,11 @@ class _Runner:
     def _health_gate(self, vmid: int, deadline: float, mark: str | None = None,
                      endpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         result = self.provider.health_gate(vmid, deadline, tuple(Endpoint(**e) for e in endpoints or ()))
+        self._mark(mark)
+        return result
+
+    def _run_suite(self, vmid: int, expect: dict[str, Any], mark: str | None = None) -> dict[str, Any]:
+        result = self.provider.run_suite(vmid, expect)
         self._mark(mark)
         return result
 

@@ -71,6 +71,7 @@ from .errors import BootError, DeployError, GuestPanic, HomelabError
 from .localvm import (
     LOCAL_ZONES,
     PANIC_ATTEMPTS,
+    QEMU_USER_NETWORK,
     VMState,
     _alive,
     _free_port,
@@ -88,6 +89,7 @@ from .localvm import (
 from .runner import require_tool, run, start
 from .settings import Settings
 from .site import Site, load_secrets, load_site
+from .verify import SuiteRunner, deploy_context, suite_runner
 
 # The bridge NIC is QEMU's netdev net1 (net0 is the user network for ssh), as in localvm._nic_argv. Without a
 # bridge the user network is the only NIC, and so the production one: its link is the one cut while isolated.
@@ -204,8 +206,9 @@ class LocalProvider:
 
     def __init__(self, settings: Settings, role: str, *, user: str = "homelab", bridge: str | None = None,
                  accel: str | None = None, memory_mb: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleeper: Callable[[float], None] = time.sleep) -> None:
+                 sleeper: Callable[[float], None] = time.sleep, suite: SuiteRunner | None = None) -> None:
         self.settings = settings
+        self.suite = suite or suite_runner(settings)
         self.role = role
         self.user = user  # the site's admin_user: the ssh login of state.json's ssh_config
         self.bridge = bridge
@@ -586,6 +589,17 @@ class LocalProvider:
     def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
         return health_gate(self, vmid, deadline, endpoints)
 
+    def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]:
+        """The role's testinfra suite over the VM's forwarded ssh (its ssh_config, the tool's key)."""
+        state = self.state(vmid)
+        if state is None:
+            raise HomelabError(f"local VM {vmid} is not running")
+        # Without a bridge the guest's one address is QEMU's user network, not the site's.
+        address = expect["address"] if self.bridge else QEMU_USER_NETWORK.address
+        context = deploy_context({**expect, "address": address}, state.qga_socket)
+        report = self.suite(self.role, context, f"paramiko://{state.ssh_alias}", state.ssh_config)
+        return {"vmid": vmid, "suite": "passed", "report": str(report)}
+
     # --- data volumes
 
     def _stopped(self, vmid: int, what: str) -> dict[str, Any]:
@@ -723,9 +737,16 @@ def plan_local(settings: Settings, role: str, site_path: Path, secrets_path: Pat
     """The deploy engine's plan (or the unfinished one it resumes) for this machine: the site completed for a local
     deploy, the seed of a local VM, the local journal. The data volumes are made (once) when a VM is created."""
     site = load_site(site_path)
+    journal = Journal(journal_path(settings, role))
+    pending = journal.unfinished()
+    if pending is not None:  # resumed as planned: on the bridge its VMs were created on
+        planned = planned_bridge(DeployPlan.from_json(pending["plan"]))
+        if bridge is not None and bridge != planned:
+            raise DeployError(f"deploy {pending['id']} of {role} is unfinished on bridge {planned or 'none'}: rerun "
+                              f"without --bridge to resume it there (or add --abandon to undo it)")
+        bridge = planned
     provider = LocalProvider(settings, role, user=site.admin_user, bridge=bridge, accel=accel, memory_mb=memory_mb)
     seed = local_seed(settings, site, role, load_secrets(secrets_path), bridge)
-    journal = Journal(journal_path(settings, role))
     plan, resumed = resume_or_plan(settings, site_for_local_deploy(settings, site, role, bridge), role, image, swap,
                                    provider=provider, journal=journal, seed=seed, keep=keep)
     return plan, resumed, provider, journal
@@ -747,11 +768,16 @@ def abandon_local(settings: Settings, role: str, site_path: Path, *, accel: str 
     names, so blue comes back where it served."""
     journal = Journal(journal_path(settings, role))
     plan = unfinished_plan(journal, role)
+    provider = LocalProvider(settings, role, user=load_site(site_path).admin_user, bridge=planned_bridge(plan),
+                             accel=accel, memory_mb=memory_mb)
+    return abandon(journal, role, provider, on_step)
+
+
+def planned_bridge(plan: DeployPlan) -> str | None:
+    """The local bridge a plan's VMs are on (None: QEMU's user network only)."""
     create = next((s for s in plan.steps if s.action == "create_vm"), None)
     bridge = str(create.args["bridge"]) if create is not None else "none"
-    provider = LocalProvider(settings, role, user=load_site(site_path).admin_user,
-                             bridge=None if bridge == "none" else bridge, accel=accel, memory_mb=memory_mb)
-    return abandon(journal, role, provider, on_step)
+    return None if bridge == "none" else bridge
 
 
 def abandon_local_steps(settings: Settings, role: str) -> list[str]:

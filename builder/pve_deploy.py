@@ -3,6 +3,7 @@ row of proxmox.DEPLOY_CALLS, so `homelab token-role` grants exactly what it need
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,17 @@ from .deploy import (
 from .errors import DeployError, ProxmoxError
 from .proxmox import Pve
 from .site import Site
+from .verify import SuiteRunner, deploy_context, pinned_ssh_config
 
 AGENT_POLL = 1.0
+HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
 
 
 class ProxmoxProvider:
-    def __init__(self, pve: Pve, site: Site, *, task_timeout: float = 600.0) -> None:
+    def __init__(self, pve: Pve, site: Site, *, task_timeout: float = 600.0, suite: SuiteRunner | None = None
+                 ) -> None:
         self.pve = pve
+        self.suite = suite  # the role's testinfra suite, over ssh (None: a provider that never deploys)
         self.site = site
         self.node = pve.target.node
         self.storages = pve.target.storages
@@ -207,4 +212,19 @@ class ProxmoxProvider:
 
     def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
         return health_gate(self, vmid, deadline, endpoints)
+
+    def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]:
+        """The role's testinfra suite over ssh to the VM on its production address (it has the identity by now),
+        as the site's admin user with the owner's key, trusting only the host key the guest agent reads."""
+        if self.suite is None:
+            raise DeployError("this Proxmox VE provider has no testinfra runner")
+        key = self.agent_exec(vmid, ("cat", HOST_KEY), 30)
+        if key.exitcode != 0:
+            raise DeployError(f"VM {vmid}: cannot read {HOST_KEY} through the guest agent: {key.err.strip()}")
+        address = expect["address"].split("/")[0]
+        alias = f"homelab-{expect['role']}-{vmid}"
+        with tempfile.TemporaryDirectory(prefix="homelab-ssh-") as directory:
+            config = pinned_ssh_config(Path(directory), alias, address, expect["user"], key.out)
+            report = self.suite(expect["role"], deploy_context(expect), f"ssh://{alias}", config)
+        return {"vmid": vmid, "suite": "passed", "report": str(report)}
 

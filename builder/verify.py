@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from .settings import Settings
 from .site import load_site
 
 SUITES = Path(__file__).resolve().parent.parent / "tests" / "infra"
+
+# Runs a role's suite: (role, context, testinfra hosts, ssh_config or None) -> the junit report.
+SuiteRunner = Callable[[str, dict[str, Any], str, "Path | None"], Path]
 
 
 @dataclass
@@ -46,7 +50,7 @@ def verify(settings: Settings, role: str, options: VerifyOptions, reporter: Repo
     """Run the suite; returns the junit report path, raises VerifyError on failures."""
     reporter = reporter or Silent()
     if options.host:
-        return _run_suite(settings, role, _remote_context(settings, role, options), options.host, None, reporter)
+        return run_suite(settings, role, _remote_context(settings, role, options), options.host, None, reporter)
     state = localvm.running_vm(settings, role)
     booted_here = state is None
     if state is None:
@@ -54,7 +58,7 @@ def verify(settings: Settings, role: str, options: VerifyOptions, reporter: Repo
             site_path=options.site_path, secrets_path=options.secrets_path, accel=options.accel), reporter)
     try:
         context = _local_context(settings, state)
-        return _run_suite(settings, role, context, f"paramiko://{state.ssh_alias}", state.ssh_config, reporter)
+        return run_suite(settings, role, context, f"paramiko://{state.ssh_alias}", state.ssh_config, reporter)
     finally:
         if booted_here and not options.keep:
             with reporter.step("Power down the VM"):
@@ -82,8 +86,39 @@ def _remote_context(settings: Settings, role: str, options: VerifyOptions) -> di
     }
 
 
-def _run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None,
-               reporter: Reporter) -> Path:
+def deploy_context(expect: dict[str, Any], qga_socket: Path | None = None) -> dict[str, Any]:
+    """The suite's context for a deployed VM, from a deploy plan's `expect` (whose manifest is a path)."""
+    manifest = json.loads(Path(expect["manifest"]).read_text())
+    return {**expect, "manifest": manifest, "qga_socket": str(qga_socket) if qga_socket else None}
+
+
+def pinned_ssh_config(directory: Path, alias: str, address: str, user: str, host_key: str) -> Path:
+    """An ssh_config reaching `address` as `alias` that trusts only `host_key` (read from the VM through a channel
+    already trusted, its guest agent): a new VM on the production address has a new host key, which the owner's
+    known_hosts would refuse as changed, and accepting whatever answers would not check anything. The owner's
+    own ~/.ssh/config still applies (keys, agent) after these settings."""
+    fields = host_key.split()
+    if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-")):
+        raise VerifyError(f"{alias}: {host_key.strip()[:60]!r} is not an ssh public host key")
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text(f"{address} {fields[0]} {fields[1]}\n")
+    config = directory / "ssh_config"
+    config.write_text(
+        f"Host {alias}\n  HostName {address}\n  User {user}\n  UserKnownHostsFile {known_hosts}\n"
+        "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 20\n\n"
+        "Include ~/.ssh/config\n")
+    return config
+
+
+def suite_runner(settings: Settings, reporter: Reporter | None = None) -> SuiteRunner:
+    """run_suite bound to a project's settings: what a deploy provider runs at the end of a health gate."""
+    def run_it(role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+        return run_suite(settings, role, context, hosts, ssh_config, reporter or Silent())
+    return run_it
+
+
+def run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None,
+              reporter: Reporter) -> Path:
     out_dir = settings.role_dir(role) / "verify"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir, delete=False) as handle:

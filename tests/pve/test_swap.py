@@ -25,9 +25,9 @@ from builder.cli import main
 from builder.cloudinit import Seed
 from builder.definition import load_role
 from builder.deploy import Journal, Outcome
-from builder.errors import DeployError
+from builder.errors import DeployError, VerifyError
 from builder.proxmox import Pve, Target
-from builder.pve_deploy import ProxmoxProvider
+from builder.pve_deploy import HOST_KEY, ProxmoxProvider
 from builder.settings import Settings, load_settings
 from builder.site import Site, load_site
 
@@ -57,6 +57,7 @@ class Guests:
     healthy: bool = True
     mounts_isolated: bool = False  # an image without the link guard: mounts its shares while isolated
     endpoint_down: str | None = None  # the URL of a service's own health endpoint that does not answer
+    host_key_readable: bool = True
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
@@ -80,7 +81,27 @@ class Guests:
         commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl is-active {deploy.VOLUMES_UNIT}"] = (
             ExecResult(out="active\n") if self.mounts_isolated else ExecResult(exitcode=3, out="inactive\n"))
+        commands[f"cat {HOST_KEY}"] = (
+            ExecResult(out=f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{vm.vmid} root@intranet\n")
+            if self.host_key_readable else ExecResult(exitcode=1, err=f"cat: {HOST_KEY}: No such file or directory\n"))
         return Agent(commands=commands)
+
+
+@dataclass
+class Suites:
+    """The role's testinfra suite as each deploy runs it (no VM runs here to ssh into): every run recorded with
+    the pinned ssh_config and known_hosts it was given (read while they exist); failing when told."""
+
+    failure: str | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+        assert ssh_config is not None
+        self.runs.append({"role": role, "context": context, "hosts": hosts, "ssh_config": ssh_config.read_text(),
+                          "known_hosts": (ssh_config.parent / "known_hosts").read_text()})
+        if self.failure:
+            raise VerifyError(self.failure)
+        return ssh_config.parent / "junit.xml"
 
 
 class FakeClock:
@@ -103,13 +124,14 @@ class Env:
     site: Site
     guests: Guests
     clock: FakeClock = field(default_factory=FakeClock)
+    suites: Suites = field(default_factory=Suites)
     timeout: tuple[float, float] = (5.0, 10.0)
     versions: int = 0
 
     def provider(self) -> ProxmoxProvider:
         pve = Pve(Target.from_site(self.site.proxmox(), proxmox.token_from_env()), timeout=self.timeout,
                   clock=self.clock.clock, sleep=self.clock.sleep)
-        return ProxmoxProvider(pve, self.site, task_timeout=60)
+        return ProxmoxProvider(pve, self.site, task_timeout=60, suite=self.suites)
 
     def build(self) -> Path:
         """A new "built" image of the role: a qcow2 header and its manifest, as build.publish writes them."""
@@ -261,6 +283,15 @@ def test_swap_hands_the_data_to_green_and_keeps_blue_stopped_for_rollback(env: E
     status = deploy.status_lines(env.journal, ROLE)
     assert status[0].startswith(f"intranet: live VM 102, version {f'{env.versions:012x}'}")
     assert "downtime" in status[-1]
+    # The role's testinfra suite ran against each new VM once it served: over ssh to the production address,
+    # trusting only the host key its guest agent read.
+    assert [run["hosts"] for run in env.suites.runs] == ["ssh://homelab-intranet-101", "ssh://homelab-intranet-102"]
+    run = env.suites.runs[-1]
+    assert run["known_hosts"] == "10.99.0.101 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI102\n"
+    assert "HostName 10.99.0.101\n" in run["ssh_config"] and "StrictHostKeyChecking yes\n" in run["ssh_config"]
+    assert run["context"]["address"] == "10.99.0.101/24" and run["context"]["hostname"] == "intranet"
+    assert run["context"]["manifest"]["version"] == f"{env.versions:012x}" and run["context"]["qga_socket"] is None
+    assert list(entry["done"]).index("testinfra") > list(entry["done"]).index("health-gate")
 
 
 def test_keeps_the_newest_rollback_vms_and_never_deletes_one_with_data(env: Env) -> None:
@@ -303,6 +334,7 @@ def test_homelab_rollback_hands_back_to_the_previous_vm(env: Env) -> None:
     live = assert_invariants(env, env.disk())
     assert live.vmid == 101 and env.disk().volid == "local-zfs:vm-101-disk-1"
     assert "rollback" in env.pve.state.vms[102].config["tags"]
+    assert len(env.suites.runs) == 2  # the first deploy's and the swap's: VM 101's image may predate the suite
 
 
 # --- failures --------------------------------------------------------------------------------------------------------
@@ -450,6 +482,32 @@ def test_a_service_whose_own_endpoint_fails_keeps_green_from_serving(env: Env) -
     assert assert_invariants(env, disk) is blue  # blue's own gate asks no endpoint: its image may predate them
 
 
+def test_a_green_failing_its_testinfra_suite_is_rolled_back(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.suites.failure = "verification of intranet failed (see build/intranet/verify/verify.log)"
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at testinfra: verification of intranet failed \(see build/intranet/"
+                                          r"verify/verify\.log\); rolled back to VM 101$"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, disk) is blue
+    assert [run["hosts"] for run in env.suites.runs] == ["ssh://homelab-intranet-101", "ssh://homelab-intranet-102"]
+    # Green had served with the data: it goes back from the snapshot taken at the hand-over.
+    assert env.pve.calls("POST", r"/qemu/102/snapshot/homelab-[^/]+/rollback$")
+
+
+def test_a_green_whose_host_key_cannot_be_read_is_rolled_back_untested(env: Env) -> None:
+    blue = first_deploy(env)
+    env.guests.host_key_readable = False
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at testinfra: VM 102: cannot read /etc/ssh/ssh_host_ed25519_key"
+                                          r"\.pub through the guest agent: cat: .*No such file or directory; "
+                                          r"rolled back to VM 101$"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, env.disk()) is blue
+    assert len(env.suites.runs) == 1  # never ssh to a VM whose key is unknown
+
+
 def test_a_failure_during_the_rollback_is_resumed_by_the_rerun(env: Env) -> None:
     blue = first_deploy(env)
     disk = env.disk()
@@ -488,7 +546,8 @@ class Interrupting:
 
 @pytest.mark.parametrize(("method", "nth", "step"), [("detach", 2, "release-photos"),
                                                       ("move_disk", 1, "hand-postgres"),
-                                                      ("health_gate", 1, "health-gate")])
+                                                      ("health_gate", 1, "health-gate"),
+                                                      ("run_suite", 1, "testinfra")])
 def test_a_killed_swap_resumes_where_it_stopped(env: Env, method: str, nth: int, step: str) -> None:
     first_deploy(env)
     disk = env.disk()
@@ -546,7 +605,9 @@ def test_abandoning_a_swap_killed_before_the_cutover_deletes_green_and_never_tou
 
 @pytest.mark.parametrize(("method", "nth", "step"), [("move_disk", 1, "hand-postgres"),
                                                       ("detach", 2, "release-photos"),
-                                                      ("health_gate", 1, "health-gate")])
+                                                      ("health_gate", 1, "health-gate"),
+                                                      # healthy, not yet through its suite: green does not serve
+                                                      ("run_suite", 1, "testinfra")])
 def test_abandoning_a_swap_killed_in_the_cutover_hands_everything_back_to_blue(env: Env, method: str, nth: int,
                                                                                 step: str) -> None:
     entry = killed_swap(env, method, nth)
@@ -609,6 +670,45 @@ def test_two_deploys_of_a_role_never_run_at_once(env: Env) -> None:
         env.deploy(swap=True)
     assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
     assert env.deploy(swap=True).outcome == "live"
+
+
+def plan_only(env: Env) -> deploy.DeployPlan:
+    seed = Seed(SEED.user_data, f"instance-id: intranet-{env.versions}\n", SEED.network_config)
+    plan, resumed = deploy.resume_or_plan(env.settings, env.site, ROLE, None, True, provider=env.provider(),
+                                          journal=env.journal, seed=seed)
+    assert not resumed
+    return plan
+
+
+def test_a_plan_overtaken_by_a_swap_while_it_waited_is_refused(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    stale = plan_only(env)  # planned against VM 101; another run swaps first
+    assert env.deploy(swap=True).outcome == "live"
+    start, deploys = len(env.pve.requests), len(env.journal.deploys)
+    with pytest.raises(DeployError, match=r"^the live VM of intranet changed while this deploy was planned \(planned "
+                                          r"against VM 101, now VM 102\): run it again$"):
+        deploy.execute(stale, env.provider(), env.journal)
+    assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
+    assert len(env.journal.deploys) == deploys  # not even journaled
+
+
+def test_a_plan_overtaken_by_an_unfinished_deploy_is_refused(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    stale = plan_only(env)
+    with pytest.raises(KeyboardInterrupt):
+        env.deploy(swap=True, provider=Interrupting(env.provider(), "move_disk", 1))
+    pending = env.journal.unfinished()
+    assert pending is not None
+    start = len(env.pve.requests)
+    with pytest.raises(DeployError, match=rf"^deploy {pending['id']} of intranet was left unfinished while this one "
+                                          r"was planned: rerun `homelab deploy intranet` to resume it, or add "
+                                          r"--abandon to undo it$"):
+        deploy.execute(stale, env.provider(), env.journal)
+    assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
+    assert env.deploy(swap=True).outcome == "live"  # the rerun resumes the unfinished one
+    assert env.journal.deploys[-1]["id"] == pending["id"]
 
 
 # --- bad input: one line, nothing created ------------------------------------------------------------------------

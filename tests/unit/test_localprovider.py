@@ -342,6 +342,34 @@ def test_start_runs_virtiofsd_per_share_and_qemu_with_every_volume_then_cuts_the
     assert state["ssh_port"] == result["ssh_port"] and state["tap"] == "hl101-intranet"
 
 
+@pytest.mark.parametrize(("bridge", "address"), [("br-test", "10.99.0.101/24"), (None, "10.0.2.15/24")])
+def test_the_suite_runs_over_the_vms_forwarded_ssh(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                    bridge: str | None, address: str) -> None:
+    runs: list[tuple[str, dict[str, Any], str, Path | None]] = []
+
+    def suite(role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+        runs.append((role, context, hosts, ssh_config))
+        return settings.build_dir / "junit.xml"
+
+    provider = lp.LocalProvider(settings, ROLE, bridge=bridge, suite=suite)
+    vmdir = provider.vm_dir(101)
+    state = lp.VMState(role=ROLE, pid=1, accel="tcg", image="", version="", ssh_port=2222, user="admin",
+                       hostname="intranet", address="", run_dir=str(vmdir))
+    monkeypatch.setattr(provider, "state", lambda vmid: state if vmid == 101 else None)
+    manifest = settings.build_dir / "intranet-v1.manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text('{"version": "v1"}')
+    expect = {"role": ROLE, "hostname": "intranet", "address": "10.99.0.101/24", "user": "admin",
+              "manifest": str(manifest)}
+    assert provider.run_suite(101, expect) == {"vmid": 101, "suite": "passed",
+                                               "report": str(settings.build_dir / "junit.xml")}
+    # Without a bridge the guest's only address is QEMU's user network: that is what the suite must find.
+    assert runs == [(ROLE, {**expect, "address": address, "manifest": {"version": "v1"},
+                            "qga_socket": str(state.qga_socket)}, f"paramiko://{state.ssh_alias}", state.ssh_config)]
+    with pytest.raises(lp.HomelabError, match=r"^local VM 102 is not running$"):
+        provider.run_suite(102, expect)
+
+
 class PanickyStarts:
     """QEMU launches (recorded) whose kernels panic before init the given number of times, then start init."""
 
@@ -454,6 +482,22 @@ def test_abandon_runs_the_unfinished_plan_on_the_bridge_it_was_made_for(settings
     assert [provider.bridge for provider in seen] == ["br-served"]
     with pytest.raises(DeployError, match=f"deploy {plan.deploy_id} cannot be abandoned: a first deploy"):
         lp.abandon_local_steps(settings, ROLE)
+
+
+def test_a_resumed_rehearsal_runs_on_the_bridge_it_was_planned_for(settings: Settings,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_build(settings)
+    _tool_key(settings)
+    monkeypatch.setattr(lp.LocalProvider, "preflight", lambda self, role: [])
+    secrets = FIXTURES / "site" / "test-secrets.yaml"
+    plan, _resumed, _provider, journal = lp.plan_local(settings, ROLE, SITE, secrets, bridge="br-served")
+    journal.record(plan)  # left unfinished
+    again, resumed, provider, _journal = lp.plan_local(settings, ROLE, SITE, secrets)  # no --bridge this time
+    assert resumed and again.deploy_id == plan.deploy_id and provider.bridge == "br-served"
+    with pytest.raises(DeployError, match=rf"^deploy {plan.deploy_id} of intranet is unfinished on bridge "
+                                          r"br-served: rerun without --bridge to resume it there \(or add --abandon "
+                                          r"to undo it\)$"):
+        lp.plan_local(settings, ROLE, SITE, secrets, bridge="br-other")
 
 
 def test_rehearse_dry_run_prints_the_engines_plan_and_starts_nothing(settings: Settings,

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -139,6 +140,15 @@ def rehearsal(request: pytest.FixtureRequest, settings: Settings, network: ZoneN
             _clean(settings)
 
 
+def _suite_passed(rehearsal: Rehearsal) -> None:
+    """The last deploy's gate ran the role's whole testinfra suite against the new VM, every test passing."""
+    done = Journal(journal_path(rehearsal.settings, ROLE)).deploys[-1]["done"]
+    assert done["testinfra"]["suite"] == "passed"
+    report = ElementTree.parse(done["testinfra"]["report"]).getroot().find("testsuite")
+    assert report is not None and int(report.get("tests", "0")) > 20, report
+    assert report.get("failures") == "0" and report.get("errors") == "0"
+
+
 class TestLocalSwap:
     role = ROLE  # the `network` fixture reads it
     failed = False
@@ -153,6 +163,7 @@ class TestLocalSwap:
         outcome = execute(plan, provider, journal, on_step=_echo)
         assert outcome.outcome == "live"
         rehearsal.vmids.append(outcome.vmid)
+        _suite_passed(rehearsal)
         mounts = rehearsal.ssh(outcome.vmid, "findmnt -rn -o TARGET,FSTYPE,OPTIONS").stdout
         table = {line.split()[0]: line.split()[1:] for line in mounts.splitlines()}
         assert table["/srv/postgres"][0] == "ext4"
@@ -208,6 +219,7 @@ class TestLocalSwap:
         green = outcome.vmid
         done = Journal(journal_path(rehearsal.settings, ROLE)).deploys[-1]["done"]
         assert done["hand-postgres"]["hotplugged"] is True and done["snapshot-data"]["live"] is True
+        _suite_passed(rehearsal)
         rehearsal.vmids.append(green)
         assert green != blue
         assert MOTD_LINE in rehearsal.ssh(green, "cat /etc/motd").stdout
