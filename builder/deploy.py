@@ -632,8 +632,7 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
 
 def _suite_step(vmid: int, expect: dict[str, Any]) -> Step:
     return Step("testinfra", "run_suite", {"vmid": vmid, "expect": expect, "mark": "suite_passed"},
-                f"the {expect['role']} testinfra suite (tests/infra) against VM {vmid} over ssh, as "
-                f"{expect['user']}@{expect['address'].split('/')[0]}")
+                f"the {expect['role']} testinfra suite (tests/infra) against VM {vmid}, over ssh as {expect['user']}")
 
 
 def _asked(endpoints: list[dict[str, Any]]) -> str:
