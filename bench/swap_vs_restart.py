@@ -168,6 +168,7 @@ def measure(prober: Prober, operation: Callable[[], T]) -> tuple[float, T]:
     since = time.monotonic()
     result = operation()
     prober.wait_serving()
+    time.sleep(PROBE_TIMEOUT + INTERVAL)  # probes started before the last answer may still be waiting for theirs
     return prober.downtime(since), result
 
 

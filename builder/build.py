@@ -317,7 +317,11 @@ def stage_baked_files(ctx: BuildContext) -> None:
     for dest, (src, mode) in baked_sources(ctx.plan.definition, ctx.settings.project).items():
         target = stage / dest.lstrip("/")
         _mkdirs(stage, target.parent)
-        shutil.copyfile(src, target)
+        try:
+            shutil.copyfile(src, target)
+        except OSError as exc:
+            raise BuildError(f"{src} cannot be baked ({exc.strerror}): did it change after the build was planned? "
+                             "run the build again") from None
         os.chmod(target, int(mode, 8))
         # The version (and the manifest) were computed from the files as planned: bake exactly those.
         if ctx.plan.baked.get(dest) != sha256_file(target):

@@ -357,11 +357,11 @@ def _provider(state: State, site_path: str | None, insecure: bool) -> tuple[Any,
     from .proxmox import Pve, Target, token_from_env
     from .pve_deploy import ProxmoxProvider
     from .site import load_site
-    from .verify import suite_runner
+    from .verify import SshSuite
 
     site = load_site(state.settings.site_path(_path(site_path)))
     target = Target.from_site(site.proxmox(), token_from_env(), insecure=insecure)
-    return site, ProxmoxProvider(Pve(target), site, suite=suite_runner(state.settings))
+    return site, ProxmoxProvider(Pve(target), site, suite=SshSuite(state.settings))
 
 
 @main.command("deploy")

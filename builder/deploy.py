@@ -160,6 +160,8 @@ class Provider(Protocol):
     def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]: ...
     # The role's testinfra suite against a VM (`expect`: role, hostname, address, user, the image's manifest path).
     def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]: ...
+    # Why the suite could not log in to the VM now serving on `expect`'s address (None: it could).
+    def ssh_problem(self, vmid: int, expect: dict[str, Any]) -> str | None: ...
 
 
 # --- tags and NICs -----------------------------------------------------------------------------------------------
@@ -495,6 +497,13 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     # What the role's testinfra suite expects of the new VM (run at the end of its health gate).
     expect = {"role": role, "hostname": host.hostname, "address": host.address, "user": site.admin_user,
               "manifest": str(manifest_of(qcow2))}
+    if blue is not None:
+        # Found out now rather than after the cutover (an outage, then a rollback): the suite logs in like this.
+        problem = provider.ssh_problem(blue, expect)
+        if problem:
+            raise DeployError(f"the health gate runs the testinfra suite over ssh as {site.admin_user} on "
+                              f"{host.address.split('/')[0]}, and this machine cannot log in to VM {blue} (live) "
+                              f"there: {problem}")
     # A swap's green: blue's MAC with its link down (the link is the production identity: toggled at the cutover,
     # no reconfiguration, no ARP wait), the shares attached from the start (virtiofs cannot be hot-plugged on
     # PVE 8.4; the guest mounts nothing while its link is down), the disks hot-plugged at the cutover.
@@ -780,14 +789,14 @@ def execute(plan: DeployPlan, provider: Provider, journal: Journal,
     A KeyboardInterrupt (or a killed process) stops right there: the journal says where, a rerun resumes.
     """
     with journal.exclusive():
-        _still_current(journal, plan)
+        _still_current(journal, plan, provider)
         runner = _Runner(plan, provider, journal, journal.record(plan), on_step or (lambda line: None))
         return runner.run()
 
 
-def _still_current(journal: Journal, plan: DeployPlan) -> None:
-    """Planning read the journal before the lock was taken: under it, refuse a plan another run overtook meanwhile
-    (it left a deploy unfinished, or it changed which VM is live)."""
+def _still_current(journal: Journal, plan: DeployPlan, provider: Provider) -> None:
+    """Planning ran before the lock was taken: under it, refuse a plan another run overtook meanwhile (it left a
+    deploy unfinished, or it changed which VM is tagged live, which is what planning chose blue by)."""
     pending = journal.unfinished()
     if pending is not None:
         if pending["id"] != plan.deploy_id:
@@ -796,7 +805,8 @@ def _still_current(journal: Journal, plan: DeployPlan) -> None:
         return  # resuming this plan
     if any(entry["id"] == plan.deploy_id for entry in journal.deploys):
         return
-    live = (journal.data.get("active") or {}).get("vmid")
+    serving = live_vm(provider, plan.role)
+    live = serving.vmid if serving is not None else None
     if live != plan.blue:
         def name(vmid: int | None) -> str:
             return f"VM {vmid}" if vmid is not None else "none"

@@ -84,12 +84,13 @@ from .localvm import (
     guest_networks,
     kernel_initialised,
     launch_with_fallback,
+    panic_line,
     qemu_argv,
 )
 from .runner import require_tool, run, start
 from .settings import Settings
 from .site import Site, load_secrets, load_site
-from .verify import SuiteRunner, deploy_context, suite_runner
+from .verify import SshSuite, SuiteRunner, deploy_context
 
 # The bridge NIC is QEMU's netdev net1 (net0 is the user network for ssh), as in localvm._nic_argv. Without a
 # bridge the user network is the only NIC, and so the production one: its link is the one cut while isolated.
@@ -208,7 +209,7 @@ class LocalProvider:
                  accel: str | None = None, memory_mb: int | None = None, clock: Callable[[], float] = time.monotonic,
                  sleeper: Callable[[float], None] = time.sleep, suite: SuiteRunner | None = None) -> None:
         self.settings = settings
-        self.suite = suite or suite_runner(settings)
+        self.suite = suite or SshSuite(settings)
         self.role = role
         self.user = user  # the site's admin_user: the ssh login of state.json's ssh_config
         self.bridge = bridge
@@ -390,10 +391,15 @@ class LocalProvider:
 
     def start(self, vmid: int) -> dict[str, Any]:
         record = self._record(vmid)
-        if self.state(vmid) is not None:
-            return {"vmid": vmid, "already": "running"}
-        accel = self.accel or choose_accel(self.settings, None)
         panics: list[str] = []
+        running = self.state(vmid)
+        if running is not None:
+            panic = panic_line(running.serial_log)  # a rerun of a start killed while it watched the boot
+            if panic is None:
+                return {"vmid": vmid, "already": "running"}
+            self._halt(vmid, running, graceful=False)
+            panics.append(panic)
+        accel = self.accel or choose_accel(self.settings, None)
         while True:
             state = launch_with_fallback(self.settings, accel, self.accel is None,
                                          lambda chosen: self._launch(vmid, record, chosen),
@@ -589,6 +595,9 @@ class LocalProvider:
     def health_gate(self, vmid: int, deadline: float, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
         return health_gate(self, vmid, deadline, endpoints)
 
+    def ssh_problem(self, vmid: int, expect: dict[str, Any]) -> str | None:
+        return None  # the suite logs in through QEMU's forwarded port with the tool's own key, never the site address
+
     def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]:
         """The role's testinfra suite over the VM's forwarded ssh (its ssh_config, the tool's key)."""
         state = self.state(vmid)
@@ -597,7 +606,7 @@ class LocalProvider:
         # Without a bridge the guest's one address is QEMU's user network, not the site's.
         address = expect["address"] if self.bridge else QEMU_USER_NETWORK.address
         context = deploy_context({**expect, "address": address}, state.qga_socket)
-        report = self.suite(self.role, context, f"paramiko://{state.ssh_alias}", state.ssh_config)
+        report = self.suite.run(self.role, context, f"paramiko://{state.ssh_alias}", state.ssh_config)
         return {"vmid": vmid, "suite": "passed", "report": str(report)}
 
     # --- data volumes

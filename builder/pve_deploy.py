@@ -3,7 +3,9 @@ row of proxmox.DEPLOY_CALLS, so `homelab token-role` grants exactly what it need
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,15 +218,23 @@ class ProxmoxProvider:
     def run_suite(self, vmid: int, expect: dict[str, Any]) -> dict[str, Any]:
         """The role's testinfra suite over ssh to the VM on its production address (it has the identity by now),
         as the site's admin user with the owner's key, trusting only the host key the guest agent reads."""
+        with self._pinned_ssh(vmid, expect) as (suite, address, config):
+            report = suite.run(expect["role"], deploy_context(expect), f"ssh://{address}", config)
+        return {"vmid": vmid, "suite": "passed", "report": str(report)}
+
+    def ssh_problem(self, vmid: int, expect: dict[str, Any]) -> str | None:
+        """Why this machine could not log in to the VM serving on the production address as the suite will."""
+        with self._pinned_ssh(vmid, expect) as (suite, address, config):
+            return suite.reach(address, config)
+
+    @contextlib.contextmanager
+    def _pinned_ssh(self, vmid: int, expect: dict[str, Any]) -> Iterator[tuple[SuiteRunner, str, Path]]:
         if self.suite is None:
             raise DeployError("this Proxmox VE provider has no testinfra runner")
         key = self.agent_exec(vmid, ("cat", HOST_KEY), 30)
         if key.exitcode != 0:
             raise DeployError(f"VM {vmid}: cannot read {HOST_KEY} through the guest agent: {key.err.strip()}")
         address = expect["address"].split("/")[0]
-        alias = f"homelab-{expect['role']}-{vmid}"
         with tempfile.TemporaryDirectory(prefix="homelab-ssh-") as directory:
-            config = pinned_ssh_config(Path(directory), alias, address, expect["user"], key.out)
-            report = self.suite(expect["role"], deploy_context(expect), f"ssh://{alias}", config)
-        return {"vmid": vmid, "suite": "passed", "report": str(report)}
+            yield self.suite, address, pinned_ssh_config(Path(directory), address, expect["user"], key.out)
 

@@ -10,23 +10,29 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import localvm
 from .build import latest_build, manifest_of
 from .errors import HomelabError, VerifyError
 from .progress import Reporter, Silent
-from .runner import run_streaming
+from .runner import run, run_streaming
 from .settings import Settings
 from .site import load_site
 
 SUITES = Path(__file__).resolve().parent.parent / "tests" / "infra"
 
-# Runs a role's suite: (role, context, testinfra hosts, ssh_config or None) -> the junit report.
-SuiteRunner = Callable[[str, dict[str, Any], str, "Path | None"], Path]
+
+class SuiteRunner(Protocol):
+    """What a deploy provider runs its checks with (tests script it where no VM runs)."""
+
+    def run(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+        """The role's suite against `hosts` (testinfra's --hosts): the junit report; VerifyError on failures."""
+
+    def reach(self, address: str, ssh_config: Path) -> str | None:
+        """Why `address` cannot be logged in to over ssh with `ssh_config`, or None when it can."""
 
 
 @dataclass
@@ -86,35 +92,49 @@ def _remote_context(settings: Settings, role: str, options: VerifyOptions) -> di
     }
 
 
-def deploy_context(expect: dict[str, Any], qga_socket: Path | None = None) -> dict[str, Any]:
-    """The suite's context for a deployed VM, from a deploy plan's `expect` (whose manifest is a path)."""
-    manifest = json.loads(Path(expect["manifest"]).read_text())
-    return {**expect, "manifest": manifest, "qga_socket": str(qga_socket) if qga_socket else None}
-
-
-def pinned_ssh_config(directory: Path, alias: str, address: str, user: str, host_key: str) -> Path:
-    """An ssh_config reaching `address` as `alias` that trusts only `host_key` (read from the VM through a channel
-    already trusted, its guest agent): a new VM on the production address has a new host key, which the owner's
-    known_hosts would refuse as changed, and accepting whatever answers would not check anything. The owner's
-    own ~/.ssh/config still applies (keys, agent) after these settings."""
+def pinned_ssh_config(directory: Path, address: str, user: str, host_key: str) -> Path:
+    """An ssh_config for `address` that trusts only `host_key` (read from the VM through a channel already trusted,
+    its guest agent): a new VM on the production address has a new host key, which the owner's known_hosts would
+    refuse as changed, and accepting whatever answers would check nothing. The block is for the address itself, so
+    the owner's ~/.ssh/config blocks for it (keys, ProxyJump) apply after ours; its own connection-sharing socket
+    keeps ssh from reusing a connection the owner has open to that address (one that checked another key)."""
     fields = host_key.split()
     if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-")):
-        raise VerifyError(f"{alias}: {host_key.strip()[:60]!r} is not an ssh public host key")
+        raise VerifyError(f"{address}: {host_key.strip()[:60]!r} is not an ssh public host key")
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"{address} {fields[0]} {fields[1]}\n")
     config = directory / "ssh_config"
     config.write_text(
-        f"Host {alias}\n  HostName {address}\n  User {user}\n  UserKnownHostsFile {known_hosts}\n"
-        "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 20\n\n"
-        "Include ~/.ssh/config\n")
+        f"Host {address}\n  User {user}\n  UserKnownHostsFile {known_hosts}\n  GlobalKnownHostsFile /dev/null\n"
+        f"  StrictHostKeyChecking yes\n  BatchMode yes\n  ControlPath {directory}/cm-%C\n\n"
+        "Match all\nInclude ~/.ssh/config\n")
     return config
 
 
-def suite_runner(settings: Settings, reporter: Reporter | None = None) -> SuiteRunner:
-    """run_suite bound to a project's settings: what a deploy provider runs at the end of a health gate."""
-    def run_it(role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
-        return run_suite(settings, role, context, hosts, ssh_config, reporter or Silent())
-    return run_it
+def deploy_context(expect: dict[str, Any], qga_socket: Path | None = None) -> dict[str, Any]:
+    """The suite's context for a deployed VM, from a deploy plan's `expect` (whose manifest is a path)."""
+    try:
+        manifest = json.loads(Path(expect["manifest"]).read_text())
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"cannot read the manifest of the deployed image {expect['manifest']}: {exc}") from None
+    return {**expect, "manifest": manifest, "qga_socket": str(qga_socket) if qga_socket else None}
+
+
+@dataclass
+class SshSuite:
+    """The real SuiteRunner: pytest with testinfra, and ssh, as processes through the runner."""
+
+    settings: Settings
+    reporter: Reporter | None = None
+
+    def run(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+        return run_suite(self.settings, role, context, hosts, ssh_config, self.reporter or Silent())
+
+    def reach(self, address: str, ssh_config: Path) -> str | None:
+        result = run(["ssh", "-F", str(ssh_config), address, "true"], check=False, timeout=60)
+        if result.returncode == 0:
+            return None
+        return f"ssh to {address} failed ({result.returncode}): {' | '.join(result.stderr.strip().splitlines()[-2:])}"
 
 
 def run_suite(settings: Settings, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None,

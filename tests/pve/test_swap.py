@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from builder import deploy, proxmox
+from builder import deploy, proxmox, verify
 from builder.cli import main
 from builder.cloudinit import Seed
 from builder.definition import load_role
 from builder.deploy import Journal, Outcome
-from builder.errors import DeployError, VerifyError
+from builder.errors import DeployError, ProxmoxError, VerifyError
 from builder.proxmox import Pve, Target
 from builder.pve_deploy import HOST_KEY, ProxmoxProvider
 from builder.settings import Settings, load_settings
@@ -93,9 +93,16 @@ class Suites:
     the pinned ssh_config and known_hosts it was given (read while they exist); failing when told."""
 
     failure: str | None = None
+    unreachable: str | None = None  # why ssh to the live VM's address fails from this machine
     runs: list[dict[str, Any]] = field(default_factory=list)
+    reached: list[dict[str, str]] = field(default_factory=list)
 
-    def __call__(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+    def reach(self, address: str, ssh_config: Path) -> str | None:
+        self.reached.append({"address": address, "ssh_config": ssh_config.read_text(),
+                             "known_hosts": (ssh_config.parent / "known_hosts").read_text()})
+        return self.unreachable
+
+    def run(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
         assert ssh_config is not None
         self.runs.append({"role": role, "context": context, "hosts": hosts, "ssh_config": ssh_config.read_text(),
                           "known_hosts": (ssh_config.parent / "known_hosts").read_text()})
@@ -194,11 +201,21 @@ def env(pve: PveEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> En
     pve.state.agent_for = guests.agent
     pve.state.add_volume(Volume(DISK, "images", "raw", 20 * GiB, vmid=101))
     pve.state.dir_mappings.update({name: f"/tank/{name}" for name in SHARES})
-    return Env(pve, load_settings(), load_site(path), guests)
+    env = Env(pve, load_settings(), load_site(path), guests)
+    # The CLI's provider too: its suite logs in to no VM here (none runs), it is scripted like the guests.
+    monkeypatch.setattr(verify, "SshSuite", lambda settings, reporter=None: env.suites)
+    return env
+
+
+def reads_host_key(request: Any) -> bool:
+    """The one agent command a swap runs on blue before the cutover: reading its ssh host key, to try the suite's
+    login while planning. It changes nothing."""
+    return bool(request.path.endswith("/agent/exec") and request.params.get("command") == ["cat", HOST_KEY])
 
 
 def writes(pve: PveEmulator) -> list[str]:
-    return [f"{r.method} {r.path}" for r in pve.requests if r.method in ("POST", "PUT", "DELETE")]
+    return [f"{r.method} {r.path}" for r in pve.requests if r.method in ("POST", "PUT", "DELETE")
+            and not reads_host_key(r)]
 
 
 def holds_all_data(vm: Vm, disk: Volume) -> bool:
@@ -285,10 +302,13 @@ def test_swap_hands_the_data_to_green_and_keeps_blue_stopped_for_rollback(env: E
     assert "downtime" in status[-1]
     # The role's testinfra suite ran against each new VM once it served: over ssh to the production address,
     # trusting only the host key its guest agent read.
-    assert [run["hosts"] for run in env.suites.runs] == ["ssh://homelab-intranet-101", "ssh://homelab-intranet-102"]
+    assert [run["hosts"] for run in env.suites.runs] == ["ssh://10.99.0.101", "ssh://10.99.0.101"]
     run = env.suites.runs[-1]
     assert run["known_hosts"] == "10.99.0.101 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI102\n"
-    assert "HostName 10.99.0.101\n" in run["ssh_config"] and "StrictHostKeyChecking yes\n" in run["ssh_config"]
+    assert run["ssh_config"].startswith("Host 10.99.0.101\n") and "StrictHostKeyChecking yes\n" in run["ssh_config"]
+    # While planning, the same login was tried on blue (pinned to blue's key): before anything was created.
+    assert [(r["address"], r["known_hosts"]) for r in env.suites.reached] == [
+        ("10.99.0.101", "10.99.0.101 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI101\n")]
     assert run["context"]["address"] == "10.99.0.101/24" and run["context"]["hostname"] == "intranet"
     assert run["context"]["manifest"]["version"] == f"{env.versions:012x}" and run["context"]["qga_socket"] is None
     assert list(entry["done"]).index("testinfra") > list(entry["done"]).index("health-gate")
@@ -352,7 +372,7 @@ def test_green_failing_verification_is_deleted_and_blue_never_stopped(env: Env) 
     assert 102 not in env.pve.state.vms
     assert blue.status == "running" and blue.config == before
     moved = [r for r in env.pve.requests[start:] if re.search(r"move_disk|snapshot|/101/", r.path)
-             and r.method != "GET"]
+             and r.method != "GET" and not reads_host_key(r)]
     assert moved == []
     assert_invariants(env, disk)
     assert env.journal.deploys[-1]["outcome"] == "cleaned"
@@ -417,7 +437,8 @@ SWAP_CALLS = [
     ("boot-isolated", "POST", r"/qemu/102/status/start$", 1, True),
     ("verify", "POST", r"/qemu/102/agent/exec$", 2, False),
     ("verify (isolated)", "POST", r"/qemu/102/agent/exec$", 4, False),
-    ("stop-blue-stack", "POST", r"/qemu/101/agent/exec$", 1, False),
+    ("plan: blue's host key", "POST", r"/qemu/101/agent/exec$", 1, False),
+    ("stop-blue-stack", "POST", r"/qemu/101/agent/exec$", 2, False),
     ("shutdown-blue", "POST", r"/qemu/101/status/shutdown$", 1, True),
     ("hand-postgres", "POST", r"/qemu/101/move_disk$", 1, True),
     ("release-appdata", "PUT", r"/qemu/101/config$", 1, False),
@@ -427,6 +448,7 @@ SWAP_CALLS = [
     ("identity (green)", "PUT", r"/qemu/102/config$", 1, False),
     ("start-stack", "POST", r"/qemu/102/agent/exec$", 5, False),
     ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 6, False),
+    ("testinfra (green's host key)", "POST", r"/qemu/102/agent/exec$", 13, False),
     ("drop-snapshot", "DELETE", r"/qemu/102/snapshot/", 1, True),
     ("tag-live", "PUT", r"/qemu/102/config$", 2, False),
     ("tag-blue", "PUT", r"/qemu/101/config$", 7, False),
@@ -454,7 +476,7 @@ def test_a_fault_at_any_step_loses_nothing_and_a_rerun_converges(env: Env, name:
         runs += 1
         try:
             outcome = env.deploy(swap=True)
-        except DeployError:
+        except (DeployError, ProxmoxError):  # a step's failure, or an API call's while planning
             assert_invariants(env, disk, finished=env.journal.unfinished() is None)
             assert runs < 3, "the rerun did not converge"
             continue
@@ -491,7 +513,7 @@ def test_a_green_failing_its_testinfra_suite_is_rolled_back(env: Env) -> None:
                                           r"verify/verify\.log\); rolled back to VM 101$"):
         env.deploy(swap=True)
     assert assert_invariants(env, disk) is blue
-    assert [run["hosts"] for run in env.suites.runs] == ["ssh://homelab-intranet-101", "ssh://homelab-intranet-102"]
+    assert len(env.suites.runs) == 2  # the first deploy's, then green's
     # Green had served with the data: it goes back from the snapshot taken at the hand-over.
     assert env.pve.calls("POST", r"/qemu/102/snapshot/homelab-[^/]+/rollback$")
 
@@ -506,6 +528,21 @@ def test_a_green_whose_host_key_cannot_be_read_is_rolled_back_untested(env: Env)
         env.deploy(swap=True)
     assert assert_invariants(env, env.disk()) is blue
     assert len(env.suites.runs) == 1  # never ssh to a VM whose key is unknown
+
+
+def test_a_swap_this_machine_could_not_check_over_ssh_is_refused_before_anything_changes(env: Env) -> None:
+    first_deploy(env)
+    env.suites.unreachable = "ssh to 10.99.0.101 failed (255): tester@10.99.0.101: Permission denied (publickey)."
+    env.build()
+    start = len(env.pve.requests)
+    with pytest.raises(DeployError, match=r"^the health gate runs the testinfra suite over ssh as tester on "
+                                          r"10\.99\.0\.101, and this machine cannot log in to VM 101 \(live\) there: "
+                                          r"ssh to 10\.99\.0\.101 failed \(255\): .*Permission denied "
+                                          r"\(publickey\)\.$"):
+        env.deploy(swap=True)
+    writes_now = [f"{r.method} {r.path}" for r in env.pve.requests[start:] if r.method != "GET"]
+    assert all(w.endswith("/qemu/101/agent/exec") for w in writes_now), writes_now  # reading blue's host key only
+    assert env.journal.unfinished() is None and len(env.pve.state.vms) == 1
 
 
 def test_a_failure_during_the_rollback_is_resumed_by_the_rerun(env: Env) -> None:
@@ -595,7 +632,8 @@ def test_abandoning_a_swap_killed_before_the_cutover_deletes_green_and_never_tou
         f"intranet: deploy {entry['id']} abandoned: VM 102 deleted, VM 101 untouched"
     assert 102 not in env.pve.state.vms
     assert blue.status == "running" and blue.config == before
-    assert not [r for r in env.pve.requests[start:] if "/101/" in r.path and r.method != "GET"]
+    assert not [r for r in env.pve.requests[start:] if "/101/" in r.path and r.method != "GET"
+                and not reads_host_key(r)]
     assert_invariants(env, disk)
     last = env.journal.deploys[-1]
     assert (last["outcome"], last["error"]) == ("cleaned", "abandoned by the owner before verify")
@@ -668,7 +706,7 @@ def test_two_deploys_of_a_role_never_run_at_once(env: Env) -> None:
     with env.journal.exclusive(), pytest.raises(DeployError, match=r"^pid \d+ is deploying with .*"
                                                                      r"deploy-journal\.json now: wait"):
         env.deploy(swap=True)
-    assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
+    assert not [r for r in env.pve.requests[start:] if r.method != "GET" and not reads_host_key(r)]
     assert env.deploy(swap=True).outcome == "live"
 
 

@@ -347,11 +347,15 @@ def test_the_suite_runs_over_the_vms_forwarded_ssh(settings: Settings, monkeypat
                                                     bridge: str | None, address: str) -> None:
     runs: list[tuple[str, dict[str, Any], str, Path | None]] = []
 
-    def suite(role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
-        runs.append((role, context, hosts, ssh_config))
-        return settings.build_dir / "junit.xml"
+    class Suite:
+        def run(self, role: str, context: dict[str, Any], hosts: str, ssh_config: Path | None) -> Path:
+            runs.append((role, context, hosts, ssh_config))
+            return settings.build_dir / "junit.xml"
 
-    provider = lp.LocalProvider(settings, ROLE, bridge=bridge, suite=suite)
+        def reach(self, address: str, ssh_config: Path) -> str | None:
+            raise AssertionError("a local VM is reached through its forwarded port, never on the site address")
+
+    provider = lp.LocalProvider(settings, ROLE, bridge=bridge, suite=Suite())
     vmdir = provider.vm_dir(101)
     state = lp.VMState(role=ROLE, pid=1, accel="tcg", image="", version="", ssh_port=2222, user="admin",
                        hostname="intranet", address="", run_dir=str(vmdir))
@@ -368,6 +372,7 @@ def test_the_suite_runs_over_the_vms_forwarded_ssh(settings: Settings, monkeypat
                             "qga_socket": str(state.qga_socket)}, f"paramiko://{state.ssh_alias}", state.ssh_config)]
     with pytest.raises(lp.HomelabError, match=r"^local VM 102 is not running$"):
         provider.run_suite(102, expect)
+    assert provider.ssh_problem(101, expect) is None
 
 
 class PanickyStarts:
@@ -403,6 +408,26 @@ def test_a_kernel_that_panics_before_init_is_started_again(settings: Settings, p
     assert (starts.launched, starts.halted) == (["tcg", "tcg", "tcg"], [4001, 4002])
     assert result["pid"] == 4003
     assert result["panics"] == ["Kernel panic - not syncing: Fatal exception in interrupt"] * 2
+
+
+def test_a_rerun_start_finds_the_panicked_vm_it_left_and_starts_it_again(
+        settings: Settings, provider: lp.LocalProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start was killed while it watched the boot: the VM runs, its kernel panicked; the rerun does not take
+    "already running" for an answer."""
+    provider.create_vm(_spec(settings, 101, {}))
+    provider.accel = "tcg"
+    starts = PanickyStarts(settings, provider, monkeypatch, panics=0)
+    panicked = settings.build_dir / "panicked"
+    panicked.mkdir(parents=True)
+    shutil.copy(FIXTURES / "serial" / "panic-under-tcg.log", panicked / "serial.log")
+    left = lp.VMState(role=ROLE, pid=3999, accel="tcg", image="", version="", ssh_port=1, user="u", hostname="h",
+                      address="", run_dir=str(panicked))
+    monkeypatch.setattr(provider, "state", lambda vmid: left)
+    result = provider.start(101)
+    assert (starts.halted, starts.launched) == ([3999], ["tcg"])
+    assert result["panics"] == ["Kernel panic - not syncing: Fatal exception in interrupt"]
+    shutil.copy(FIXTURES / "serial" / "booting.log", panicked / "serial.log")
+    assert provider.start(101) == {"vmid": 101, "already": "running"}
 
 
 def test_a_kernel_that_panics_at_every_start_is_the_error(settings: Settings, provider: lp.LocalProvider,

@@ -34,9 +34,11 @@ def test_panic_line_is_the_kernels_first_panic_line(tmp_path: Path, fixture: str
     assert localvm.panic_line(state_with_serial(tmp_path, fixture).serial_log) == expected
 
 
-def test_waiting_for_ssh_stops_at_a_panic_without_trying_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("qemu_runs", [True, False])  # a kernel booted with panic=N makes QEMU exit after it
+def test_waiting_for_ssh_stops_at_a_panic_without_trying_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             qemu_runs: bool) -> None:
     # ssh would be a process: the unit tests' guard refuses it, so reaching it fails this test.
-    monkeypatch.setattr(localvm, "_alive", lambda pid: pid == os.getpid())  # QEMU (here: this test) still runs
+    monkeypatch.setattr(localvm, "_alive", lambda pid: qemu_runs)
     state = state_with_serial(tmp_path, "panic-under-tcg.log")
     with pytest.raises(GuestPanic, match=r"^the intranet VM's kernel panicked 0 s into its boot \(tcg\): "
                                          r"Kernel panic - not syncing: Fatal exception in interrupt$"):
