@@ -801,7 +801,7 @@ def _still_current(journal: Journal, plan: DeployPlan, provider: Provider) -> No
     if pending is not None:
         if pending["id"] != plan.deploy_id:
             raise DeployError(f"deploy {pending['id']} of {plan.role} was left unfinished while this one was "
-                              f"planned: rerun `homelab deploy {plan.role}` to resume it, or add --abandon to undo it")
+                              "planned: rerun to resume it, or add --abandon to undo it")
         return  # resuming this plan
     if any(entry["id"] == plan.deploy_id for entry in journal.deploys):
         return

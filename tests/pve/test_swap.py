@@ -741,8 +741,7 @@ def test_a_plan_overtaken_by_an_unfinished_deploy_is_refused(env: Env) -> None:
     assert pending is not None
     start = len(env.pve.requests)
     with pytest.raises(DeployError, match=rf"^deploy {pending['id']} of intranet was left unfinished while this one "
-                                          r"was planned: rerun `homelab deploy intranet` to resume it, or add "
-                                          r"--abandon to undo it$"):
+                                          r"was planned: rerun to resume it, or add --abandon to undo it$"):
         deploy.execute(stale, env.provider(), env.journal)
     assert not [r for r in env.pve.requests[start:] if r.method != "GET"]
     assert env.deploy(swap=True).outcome == "live"  # the rerun resumes the unfinished one
