@@ -53,13 +53,16 @@ PROBE_TIMEOUT = 5.0
 PROBE_LOOP = """
 import sys, threading, time, urllib.request
 url, interval, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+out = threading.Lock()  # print() writes the text and the newline apart: threads would interleave them
 def probe(started):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
             state = "ok" if answer.status == 200 else "down"
     except Exception:
         state = "down"
-    print(f"{started:.3f} {state}", flush=True)
+    with out:
+        sys.stdout.write(f"{started:.3f} {state}\n")
+        sys.stdout.flush()
 while True:
     started = time.monotonic()
     threading.Thread(target=probe, args=(started,), daemon=True).start()
