@@ -61,7 +61,7 @@ def probe(started):
     except Exception:
         state = "down"
     with out:
-        sys.stdout.write(f"{started:.3f} {state}\n")
+        sys.stdout.write(f"{started:.3f} {state}\\n")
         sys.stdout.flush()
 while True:
     started = time.monotonic()

@@ -37,3 +37,10 @@ def test_a_service_still_down_at_the_end_is_no_figure() -> None:
 def test_a_service_that_never_stopped_is_no_figure() -> None:
     with pytest.raises(SystemExit, match="never stopped answering"):
         prober((1.0, True), (1.5, True)).downtime(since=0.0)
+
+
+def test_the_probe_loop_is_valid_python() -> None:
+    """It runs as `python3 -c` in the LAN namespace: a syntax error there only shows as a probe that never answers."""
+    from bench.swap_vs_restart import PROBE_LOOP
+
+    compile(PROBE_LOOP, "probe", "exec")
