@@ -127,7 +127,10 @@ def _serial_text(path: Path) -> str:
 
 def panic_line(path: Path) -> str | None:
     """The kernel's panic line in a serial log, or None while the guest has not panicked."""
-    text = _serial_text(path)
+    return _panic_in(_serial_text(path))
+
+
+def _panic_in(text: str) -> str | None:
     found = text.find(PANIC_MARKER)
     if found < 0:
         return None
@@ -413,10 +416,11 @@ def kernel_initialised(state: VMState, timeout: float = EARLY_BOOT_SECONDS) -> s
     kernel still initialising after `timeout` is left to whoever waits for the guest next."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(state.pid):
-        panic = panic_line(state.serial_log)
+        text = _serial_text(state.serial_log)  # one read per poll for both markers
+        panic = _panic_in(text)
         if panic is not None:
             return panic
-        if INIT_MARKER in _serial_text(state.serial_log):
+        if INIT_MARKER in text:
             return None
         time.sleep(0.5)
     return None
