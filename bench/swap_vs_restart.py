@@ -142,16 +142,20 @@ def build(settings: Settings, role: str) -> None:
 
 
 def deploy(settings: Settings, role: str, bridge: str, swap: bool) -> tuple[int, float | None]:
+    started = time.monotonic()  # each step's line says when it started: where a swap's downtime goes
     outcome = deploy_local(settings, role, TEST_SITE, TEST_SECRETS, swap=swap, bridge=bridge, memory_mb=MEMORY_MB,
-                           on_step=lambda line: print(f"  {line}", flush=True))
+                           on_step=lambda line: print(f"  {time.monotonic() - started:6.1f} s  {line}", flush=True))
     return outcome.vmid, outcome.downtime_s
 
 
-def restart_in_place(settings: Settings, role: str, vmid: int) -> None:
+def restart_in_place(settings: Settings, role: str, vmid: int) -> float:
+    """Restart the stack in place; the seconds until `up --wait` returned (every service healthy again)."""
     state = LocalProvider(settings, role).state(vmid)
     assert state is not None, f"local VM {vmid} is not running"
     command = f"cd /opt/homelab/compose && {COMPOSE} down && {COMPOSE} up --detach --wait"
+    started = time.monotonic()
     run(localvm.ssh_argv(state, command), timeout=SERVING_TIMEOUT)
+    return round(time.monotonic() - started, 1)
 
 
 def change_motd(settings: Settings, round_number: int) -> None:
@@ -180,6 +184,7 @@ def main(role: str = "intranet", rounds: str = "1") -> None:
     address = str(load_site(TEST_SITE).host(role).address).split("/")[0]
     url = f"http://{address}:{port}{path}"
     restarts: list[float] = []
+    restarts_healthy: list[float] = []  # down && up --wait, until it returned
     swaps: list[float] = []
     recorded: list[float] = []
     with project_copy() as settings, ZoneNetwork(without=("dmz",) if role == "extranet" else ()) as network:
@@ -190,9 +195,11 @@ def main(role: str = "intranet", rounds: str = "1") -> None:
             # Each round side by side on the VM that serves: an in-place restart, then a swap to a new build.
             for number in range(int(rounds)):
                 with Prober(lan, url) as prober:
-                    restart, _ = measure(prober, partial(restart_in_place, settings, role, live))
+                    restart, healthy = measure(prober, partial(restart_in_place, settings, role, live))
                 restarts.append(restart)
-                print(f"round {number + 1}: in-place restart, {restarts[-1]} s of downtime", flush=True)
+                restarts_healthy.append(healthy)
+                print(f"round {number + 1}: in-place restart, {restart} s of downtime, every service healthy after "
+                      f"{healthy} s", flush=True)
                 change_motd(settings, number)
                 build(settings, role)
                 with Prober(lan, url) as prober:
@@ -208,10 +215,17 @@ def main(role: str = "intranet", rounds: str = "1") -> None:
     restart, swap = statistics.median(restarts), statistics.median(swaps)
     figures = [(f"{role}: in-place compose down && up --wait, downtime (median of {len(restarts)})", restart),
                (f"{role}: swap, downtime seen from the LAN (median of {len(swaps)})", swap)]
+    # Until every service is healthy, not only the probed one: the in-place command's own time (it includes the
+    # ssh login) and the swap's journal (blue's stack stopped -> green's health gate passed).
+    figures.append((f"{role}: in-place, until up --wait returned (median of {len(restarts_healthy)})",
+                    statistics.median(restarts_healthy)))
     if recorded:
         figures.append((f"{role}: swap, downtime the deploy journal recorded (median of {len(recorded)})",
                         statistics.median(recorded)))
     report(figures, "swap downtime / in-place restart downtime", swap, restart, "<= 1.5x")
+    if recorded:
+        print(f"until every service is healthy, journal / in-place up --wait: "
+              f"{statistics.median(recorded) / statistics.median(restarts_healthy):.2f}x (no goal)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import IO, Any
 from . import __version__
 from .compose import check_stack
 from .definition import ImageDefinition, load_role
-from .errors import BuildError, CommandFailedError, NotRootError
+from .errors import BuildError, CommandFailedError, HomelabError, NotRootError
 from .firewall import RULESET_DEST, ruleset
 from .localvolumes import VOLUMES_DEST, volumes_json
 from .lock import Lock, LockEntry, repository, skopeo_argv
@@ -538,8 +538,8 @@ def is_built(plan: BuildPlan) -> bool:
     if not (plan.qcow2.is_file() and plan.manifest.is_file()):
         return False
     try:
-        return bool(json.loads(plan.manifest.read_text()).get("version") == plan.version)
-    except ValueError:
+        return read_manifest(plan.manifest).get("version") == plan.version
+    except BuildError:
         return False
 
 
@@ -606,18 +606,44 @@ def manifest_of(image: Path) -> Path:
     return image.with_name(image.name.removesuffix(".qcow2") + ".manifest.json")
 
 
+def read_manifest(path: Path, error: type[HomelabError] = BuildError) -> dict[str, Any]:
+    """A build's manifest (JSON object); a missing, unreadable or damaged one raised as `error`, naming the file."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read the image manifest {path}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise error(f"cannot read the image manifest {path}: not a JSON object")
+    return manifest
+
+
 def latest_build(settings: Settings, role: str) -> dict[str, Any] | None:
     """The newest complete build of a role (its manifest, with 'path' to the qcow2), or None."""
     role_dir = settings.role_dir(role)
     manifests = sorted(role_dir.glob(f"{role}-*.manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for manifest_path in manifests:
         try:
-            manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except ValueError:
-            continue
-        image = role_dir / manifest["image"]
-        if image.is_file():
+            manifest = read_manifest(manifest_path)
+        except BuildError:
+            continue  # a build that did not finish writing it is not a build
+        image = role_dir / str(manifest.get("image", ""))
+        if manifest.get("image") and image.is_file():
             manifest["path"] = str(image)
             manifest["manifest_path"] = str(manifest_path)
             return manifest
     return None
+
+
+def built_image(settings: Settings, role: str, image: Path | None,
+                error: type[HomelabError] = BuildError) -> tuple[Path, dict[str, Any]]:
+    """The image to boot or deploy and its manifest: the given qcow2, or the role's newest complete build."""
+    if image is None:
+        latest = latest_build(settings, role)
+        if latest is None:
+            raise error(f"no image of {role} is built in {settings.role_dir(role)}: run `homelab build image {role}`")
+        return Path(latest["path"]), latest
+    manifest_path = manifest_of(image)
+    if not image.is_file() or not manifest_path.is_file():
+        raise error(f"{image}: not a built image (needs the qcow2 and its {manifest_path.name}): "
+                    f"run `homelab build image {role}`")
+    return image, read_manifest(manifest_path, error)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .build import latest_build, manifest_of, sha256_file
+from .build import built_image, manifest_of, sha256_file
 from .cloudinit import Seed, render_seed, write_seed_iso
 from .definition import load_role
 from .errors import DeployError, HomelabError
@@ -61,6 +61,10 @@ VERIFY_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("docker", "compose", "--project-directory", COMPOSE_DIR, "--env-file", STACK_ENV, "config", "-q"),
 )
 FAILED_UNITS = ("systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager")
+# A swap's green creates its stack's network and containers (not started) while blue still serves: the cutover's
+# `up` then only starts them. Creating them under the downtime cost about 3.5 s of a 26 s stack start (measured
+# under TCG); bind mounts are resolved at start, so nothing is made on the unmounted /srv meanwhile.
+CREATE_STACK = ("docker", "compose", "--project-directory", COMPOSE_DIR, "--env-file", STACK_ENV, "create")
 HEALTH_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("systemctl", "is-active", STACK_UNIT),
     ("docker", "compose", "--project-name", "homelab", "ps", "--format", "json"),
@@ -456,7 +460,7 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
     host = site.deploy_host(role)
     assert host.vmid is not None
     definition = load_role(settings.project, role)
-    qcow2, manifest = _image(settings, role, image)
+    qcow2, manifest = built_image(settings, role, image, DeployError)
     volumes = volume_keys(role, definition["volumes"], site)
     failures = provider.preflight(role)
     if failures:
@@ -540,6 +544,9 @@ def plan_deploy(settings: Settings, site: Site, role: str, image: Path | None, s
         Step("verify", "verify", {"vmid": vmid, "deadline": VERIFY_DEADLINE, "isolated": True},
              f"through the agent: cloud-init done, system running, compose config valid, {VOLUMES_UNIT} not "
              "active (nothing mounted while isolated); VM stays running"),
+        Step("create-stack", "create_stack", {"vmid": vmid},
+             f"agent exec on VM {vmid}: docker compose create (the network and containers, not started, made while "
+             "blue serves: the cutover only starts them)"),
     ]
     cleanup = (
         Step("stop-green", "stop", {"vmid": vmid}, f"stop VM {vmid}"),
@@ -659,20 +666,6 @@ def _volumes_on(role: str, vm: VmInfo, volumes: list[DataVolume]) -> list[DataVo
         else:
             out.append(held)
     return out
-
-
-def _image(settings: Settings, role: str, image: Path | None) -> tuple[Path, dict[str, Any]]:
-    if image is not None:
-        manifest_path = manifest_of(image)
-        if not image.is_file() or not manifest_path.is_file():
-            raise DeployError(f"{image}: not a built image (needs the qcow2 and its {manifest_path.name}): "
-                              f"run `homelab build image {role}`")
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        return image, manifest
-    latest = latest_build(settings, role)
-    if latest is None:
-        raise DeployError(f"no image of {role} is built in {settings.role_dir(role)}: run `homelab build image {role}`")
-    return Path(latest["path"]), latest
 
 
 def plan_rollback(settings: Settings, site: Site, role: str, *, provider: Provider) -> DeployPlan:
@@ -1054,6 +1047,13 @@ class _Runner:
             raise DeployError(f"VM {vmid}: systemctl stop {STACK_UNIT} exited {result.exitcode}: "
                               f"{(result.err or result.out).strip()[:200]}")
         return {"vmid": vmid}
+
+    def _create_stack(self, vmid: int) -> dict[str, Any]:
+        result = self.provider.agent_exec(vmid, CREATE_STACK, HEALTH_DEADLINE)
+        if result.exitcode != 0:
+            raise DeployError(f"VM {vmid}: `{' '.join(CREATE_STACK)}` exited {result.exitcode}: "
+                              f"{(result.err or result.out).strip()[:200]}")
+        return {"vmid": vmid, "created": "network and containers"}
 
     def _start_stack(self, vmid: int, deadline: float, mark: str | None = None) -> dict[str, Any]:
         self._mark(mark)

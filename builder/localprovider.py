@@ -78,6 +78,7 @@ from .localvm import (
     _kill,
     _remove_tap,
     _write_ssh_config,
+    boot_again_after_panic,
     bridge_mac,
     choose_accel,
     ensure_ssh_key,
@@ -400,19 +401,25 @@ class LocalProvider:
             self._halt(vmid, running, graceful=False)
             panics.append(panic)
         accel = self.accel or choose_accel(self.settings, None)
-        while True:
+
+        def until_init() -> VMState:
+            nonlocal accel
             state = launch_with_fallback(self.settings, accel, self.accel is None,
                                          lambda chosen: self._launch(vmid, record, chosen),
                                          lambda running: self._halt(vmid, running, graceful=False))
-            panic = kernel_initialised(state)
-            if panic is None:
-                break
-            # Before init nothing has mounted the root or data disks: starting again from here is a clean start.
-            self._halt(vmid, state, graceful=False)
-            panics.append(panic)
-            if len(panics) == PANIC_ATTEMPTS:
-                raise GuestPanic(f"local VM {vmid}'s kernel panicked in each of {PANIC_ATTEMPTS} starts: {panic}")
             accel = state.accel
+            panic = kernel_initialised(state)
+            if panic is not None:
+                # Before init nothing has mounted the root or data disks: starting again from here is a clean start.
+                self._halt(vmid, state, graceful=False)
+                raise GuestPanic(panic)
+            return state
+
+        try:
+            state = boot_again_after_panic(until_init, lambda panic: panics.append(str(panic)),
+                                           PANIC_ATTEMPTS - len(panics))
+        except GuestPanic as last:
+            raise GuestPanic(f"local VM {vmid}'s kernel panicked in each of {PANIC_ATTEMPTS} starts: {last}") from None
         started = {"vmid": vmid, "pid": state.pid, "accel": state.accel, "ssh_port": state.ssh_port}
         return {**started, "panics": panics} if panics else started
 

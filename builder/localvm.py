@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import qmp
-from .build import latest_build, manifest_of
+from .build import built_image
 from .cloudinit import HostNetwork, primary_address, render_seed, write_seed_iso
 from .errors import BootError, GuestPanic, HomelabError
 from .localvolumes import EPHEMERAL_FILE
@@ -30,6 +30,7 @@ from .runner import require_tool, run, start
 from .settings import Settings
 from .site import Site, load_secrets, load_site
 
+T = TypeVar("T")
 # QEMU user networking: the guest's fixed address, gateway and DNS, given to it as static config.
 QEMU_USER_NETWORK = HostNetwork(address="10.0.2.15/24", gateway="10.0.2.2", dns=["10.0.2.3"])
 QEMU_USER_HOST = "10.0.2.2/32"
@@ -296,26 +297,11 @@ def guest_networks(site: Site, role: str, bridge: str | None) -> list[HostNetwor
     ]
 
 
-def _image_and_manifest(settings: Settings, role: str, image: Path | None) -> tuple[Path, dict[str, Any]]:
-    if image is None:
-        latest = latest_build(settings, role)
-        if latest is None:
-            raise HomelabError(f"no image of {role} built yet: run `homelab build image {role}` first")
-        return Path(latest["path"]), latest
-    manifest_path = manifest_of(image)
-    if not image.is_file():
-        raise HomelabError(f"image {image} does not exist")
-    try:
-        return image, json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        raise HomelabError(f"image {image} has no readable manifest at {manifest_path}") from None
-
-
 def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter | None = None) -> VMState:
     reporter = reporter or Silent()
     if running_vm(settings, role) is not None:
         raise HomelabError(f"a local {role} VM is already running: `homelab down {role}` first")
-    image, manifest = _image_and_manifest(settings, role, options.image)
+    image, manifest = built_image(settings, role, options.image, BootError)
     site = load_site(options.site_path)
     secrets = load_secrets(options.secrets_path)
     rundir = run_dir(settings, role)
@@ -331,8 +317,7 @@ def boot(settings: Settings, role: str, options: BootOptions, reporter: Reporter
                 version=manifest["version"], ssh_port=_free_port(), user=site.admin_user,
                 hostname=site.host(role).hostname, address=primary_address(networks), run_dir=str(rundir), tap=tap,
             ), key, manifest),
-            lambda: _fresh_start(image, rundir, role, options.bridge),
-            reporter)
+            lambda panic: _fresh_start(image, rundir, role, options.bridge, reporter, panic))
     except BaseException:
         if running_vm(settings, role) is None:  # a VM left running (Ctrl-C) keeps its NIC until `homelab down`
             _remove_tap(tap)
@@ -391,23 +376,25 @@ def _create_overlay(image: Path, rundir: Path) -> None:
          str(rundir / "overlay.qcow2")])
 
 
-def _fresh_start(image: Path, rundir: Path, role: str, bridge: str | None) -> None:
-    """What a boot again needs after a stopped one: a fresh overlay, and the tap device `stop` removed."""
+def _fresh_start(image: Path, rundir: Path, role: str, bridge: str | None, reporter: Reporter,
+                 panic: GuestPanic) -> None:
+    """What a boot again needs after a panicked one (stopped): a fresh overlay, and the tap device `stop` removed."""
+    reporter.info(f"{panic}: booting again from a fresh overlay")
     _create_overlay(image, rundir)
     if bridge:
         _create_tap(role, bridge)
 
 
-def boot_again_after_panic(attempt: Callable[[], VMState], reset: Callable[[], None], reporter: Reporter,
-                           attempts: int = PANIC_ATTEMPTS) -> VMState:
-    """Boot; each time the guest kernel panics, boot again from a fresh overlay, up to `attempts` boots (the
-    last panic is the error)."""
+def boot_again_after_panic(attempt: Callable[[], T], after_panic: Callable[[GuestPanic], None],
+                           attempts: int = PANIC_ATTEMPTS) -> T:
+    """Boot; each time the guest kernel panics, `after_panic` makes a clean start possible (a fresh overlay, the
+    panicked QEMU gone) and it boots again, up to `attempts` boots. The last panic is the error; any other error
+    is not retried."""
     for _ in range(attempts - 1):
         try:
             return attempt()
         except GuestPanic as panic:
-            reporter.info(f"{panic}: booting again from a fresh overlay")
-        reset()
+            after_panic(panic)
     return attempt()
 
 

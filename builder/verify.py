@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import localvm
-from .build import latest_build, manifest_of
+from .build import latest_build, manifest_of, read_manifest
 from .errors import HomelabError, VerifyError
 from .progress import Reporter, Silent
 from .runner import run, run_streaming
@@ -72,8 +72,7 @@ def verify(settings: Settings, role: str, options: VerifyOptions, reporter: Repo
 
 
 def _local_context(settings: Settings, state: localvm.VMState) -> dict[str, Any]:
-    manifest_path = manifest_of(Path(state.image))
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_of(Path(state.image)), VerifyError)
     return {
         "role": state.role, "hostname": state.hostname, "address": state.address, "user": state.user,
         "manifest": manifest, "qga_socket": str(state.qga_socket),
@@ -113,10 +112,7 @@ def pinned_ssh_config(directory: Path, address: str, user: str, host_key: str) -
 
 def deploy_context(expect: dict[str, Any], qga_socket: Path | None = None) -> dict[str, Any]:
     """The suite's context for a deployed VM, from a deploy plan's `expect` (whose manifest is a path)."""
-    try:
-        manifest = json.loads(Path(expect["manifest"]).read_text())
-    except (OSError, ValueError) as exc:
-        raise VerifyError(f"cannot read the manifest of the deployed image {expect['manifest']}: {exc}") from None
+    manifest = read_manifest(Path(expect["manifest"]), VerifyError)
     return {**expect, "manifest": manifest, "qga_socket": str(qga_socket) if qga_socket else None}
 
 

@@ -58,6 +58,7 @@ class Guests:
     mounts_isolated: bool = False  # an image without the link guard: mounts its shares while isolated
     endpoint_down: str | None = None  # the URL of a service's own health endpoint that does not answer
     host_key_readable: bool = True
+    create_fails: bool = False  # `docker compose create` on isolated green fails
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
@@ -77,6 +78,9 @@ class Guests:
                 commands[line(endpoint.command())] = (
                     ExecResult(exitcode=22, err="curl: (22) The requested URL returned error: 503\n")
                     if endpoint.url == self.endpoint_down else ExecResult())
+        commands[line(deploy.CREATE_STACK)] = (
+            ExecResult(exitcode=1, err="service jellyfin: image docker.io/jellyfin/jellyfin:10.11.11 not found\n")
+            if self.create_fails else ExecResult())
         commands[f"systemctl stop {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
         commands[f"systemctl is-active {deploy.VOLUMES_UNIT}"] = (
@@ -393,6 +397,33 @@ def test_a_green_that_mounts_while_isolated_is_deleted_and_blue_never_stopped(en
     assert_invariants(env, disk)
 
 
+def test_green_creates_its_stack_while_blue_serves_and_starts_it_at_the_cutover(env: Env) -> None:
+    first_deploy(env)
+    env.build()
+    assert env.deploy(swap=True).outcome == "live"
+    green = [line(r.params["command"]) for r in env.pve.calls("POST", r"/qemu/102/agent/exec$")]
+    created, started = green.index(line(deploy.CREATE_STACK)), green.index(f"systemctl start {deploy.STACK_UNIT}")
+    assert created < started
+    entry = env.journal.deploys[-1]
+    assert entry["done"]["create-stack"]["at"] <= entry["marks"]["blue_stopped"]  # before the downtime starts
+
+
+def test_a_green_whose_stack_cannot_be_created_is_deleted_and_blue_never_stopped(env: Env) -> None:
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.guests.create_fails = True
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at create-stack: VM 102: `docker compose --project-directory "
+                                          r"/opt/homelab/compose --env-file /run/homelab/stack.env create` exited 1: "
+                                          r"service jellyfin: image .* not found; VM 102 deleted, VM 101 untouched"):
+        env.deploy(swap=True)
+    assert 102 not in env.pve.state.vms and blue.status == "running"
+    asked = [line(r.params["command"]) for r in env.pve.calls("POST", r"/qemu/101/agent/exec$")]
+    assert f"systemctl stop {deploy.STACK_UNIT}" not in asked
+    assert "blue_stopped" not in env.journal.deploys[-1]["marks"]
+    assert_invariants(env, disk)
+
+
 def test_a_degraded_green_names_its_failed_units(env: Env) -> None:
     first_deploy(env)
     env.guests.degraded = True
@@ -437,6 +468,7 @@ SWAP_CALLS = [
     ("boot-isolated", "POST", r"/qemu/102/status/start$", 1, True),
     ("verify", "POST", r"/qemu/102/agent/exec$", 2, False),
     ("verify (isolated)", "POST", r"/qemu/102/agent/exec$", 4, False),
+    ("create-stack", "POST", r"/qemu/102/agent/exec$", 5, False),
     ("plan: blue's host key", "POST", r"/qemu/101/agent/exec$", 1, False),
     ("stop-blue-stack", "POST", r"/qemu/101/agent/exec$", 2, False),
     ("shutdown-blue", "POST", r"/qemu/101/status/shutdown$", 1, True),
@@ -446,9 +478,9 @@ SWAP_CALLS = [
     ("snapshot-data", "POST", r"/qemu/102/snapshot$", 1, True),
     ("identity (blue)", "PUT", r"/qemu/101/config$", 6, False),
     ("identity (green)", "PUT", r"/qemu/102/config$", 1, False),
-    ("start-stack", "POST", r"/qemu/102/agent/exec$", 5, False),
-    ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 6, False),
-    ("testinfra (green's host key)", "POST", r"/qemu/102/agent/exec$", 13, False),
+    ("start-stack", "POST", r"/qemu/102/agent/exec$", 6, False),
+    ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 7, False),
+    ("testinfra (green's host key)", "POST", r"/qemu/102/agent/exec$", 14, False),
     ("drop-snapshot", "DELETE", r"/qemu/102/snapshot/", 1, True),
     ("tag-live", "PUT", r"/qemu/102/config$", 2, False),
     ("tag-blue", "PUT", r"/qemu/101/config$", 7, False),

@@ -22,15 +22,17 @@ from builder.build import (
     BuildContext,
     BuildPlan,
     baked_sources,
+    built_image,
     is_built,
     latest_build,
     plan_build,
     publish,
+    read_manifest,
     remove_workdir,
     stage_baked_files,
 )
 from builder.definition import BASE_PACKAGES
-from builder.errors import BuildError
+from builder.errors import BootError, BuildError, DeployError, VerifyError
 from builder.firewall import RULESET_DEST, ruleset
 from builder.localvolumes import VOLUMES_DEST, volumes_json
 from builder.progress import Silent
@@ -432,6 +434,52 @@ def test_latest_build_skips_an_unreadable_manifest(settings: Settings) -> None:
     latest = latest_build(settings, ROLE)
     assert latest is not None
     assert latest["version"] == "aaaaaaaaaaaa"
+
+
+def test_latest_build_skips_a_manifest_without_an_image_name(settings: Settings) -> None:
+    _fake_build(settings, "aaaaaaaaaaaa", mtime=1_000)
+    odd = _fake_build(settings, "bbbbbbbbbbbb", mtime=3_000)
+    odd.write_text(json.dumps({"role": ROLE, "version": "bbbbbbbbbbbb"}))
+    os.utime(odd, (3_000, 3_000))
+    latest = latest_build(settings, ROLE)
+    assert latest is not None and latest["version"] == "aaaaaaaaaaaa"
+
+
+@pytest.mark.parametrize("text, why", [("{not json", "Expecting property name"), ("[1, 2]", "not a JSON object")])
+def test_read_manifest_names_the_file_and_what_is_wrong(tmp_path: Path, text: str, why: str) -> None:
+    path = tmp_path / "web-x.manifest.json"
+    path.write_text(text)
+    with pytest.raises(VerifyError, match=rf"^cannot read the image manifest {path}: .*{why}"):
+        read_manifest(path, VerifyError)
+
+
+def test_built_image_is_the_newest_build_without_an_image(settings: Settings) -> None:
+    _fake_build(settings, "aaaaaaaaaaaa", mtime=1_000)
+    image, manifest = built_image(settings, ROLE, None)
+    assert image == settings.role_dir(ROLE) / f"{ROLE}-aaaaaaaaaaaa.qcow2"
+    assert manifest["version"] == "aaaaaaaaaaaa"
+
+
+def test_built_image_without_any_build_says_how_to_build(settings: Settings) -> None:
+    with pytest.raises(DeployError, match=rf"^no image of {ROLE} is built in .*: run `homelab build image {ROLE}`$"):
+        built_image(settings, ROLE, None, DeployError)
+
+
+def test_built_image_takes_a_given_image_with_its_manifest(settings: Settings) -> None:
+    _fake_build(settings, "aaaaaaaaaaaa", mtime=1_000)
+    _fake_build(settings, "bbbbbbbbbbbb", mtime=3_000)
+    older = settings.role_dir(ROLE) / f"{ROLE}-aaaaaaaaaaaa.qcow2"
+    assert built_image(settings, ROLE, older)[1]["version"] == "aaaaaaaaaaaa"
+
+
+@pytest.mark.parametrize("missing", ["qcow2", "manifest.json"])
+def test_built_image_refuses_a_given_image_without_its_pair(settings: Settings, missing: str) -> None:
+    _fake_build(settings, "aaaaaaaaaaaa", mtime=1_000)
+    image = settings.role_dir(ROLE) / f"{ROLE}-aaaaaaaaaaaa.qcow2"
+    (settings.role_dir(ROLE) / f"{ROLE}-aaaaaaaaaaaa.{missing}").unlink()
+    with pytest.raises(BootError, match=rf"^{image}: not a built image \(needs the qcow2 and its "
+                                        rf"{ROLE}-aaaaaaaaaaaa\.manifest\.json\)"):
+        built_image(settings, ROLE, image, BootError)
 
 
 def test_latest_build_finds_what_publish_wrote(settings: Settings, ctx: BuildContext) -> None:

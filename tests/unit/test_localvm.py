@@ -72,25 +72,26 @@ class Attempts:
             raise self.errors.pop(0)
         return self.state
 
-    def reset(self) -> None:
+    def reset(self, panic: GuestPanic) -> None:
+        assert isinstance(panic, GuestPanic)
         self.resets += 1
 
 
 def test_a_panic_boots_again_from_a_fresh_overlay(tmp_path: Path) -> None:
     attempts = Attempts(tmp_path, GuestPanic("first"), GuestPanic("second"))
-    assert localvm.boot_again_after_panic(attempts.boot, attempts.reset, localvm.Silent()) is attempts.state
+    assert localvm.boot_again_after_panic(attempts.boot, attempts.reset) is attempts.state
     assert (attempts.tries, attempts.resets) == (3, 2)
 
 
 def test_the_last_panic_is_the_error(tmp_path: Path) -> None:
     attempts = Attempts(tmp_path, GuestPanic("first"), GuestPanic("second"), GuestPanic("third"))
     with pytest.raises(GuestPanic, match=r"^third$"):
-        localvm.boot_again_after_panic(attempts.boot, attempts.reset, localvm.Silent())
+        localvm.boot_again_after_panic(attempts.boot, attempts.reset)
     assert (attempts.tries, attempts.resets) == (3, 2)
 
 
 def test_other_boot_failures_are_not_retried(tmp_path: Path) -> None:
     attempts = Attempts(tmp_path, BootError("no ssh after 600 s"))
     with pytest.raises(BootError, match="no ssh"):
-        localvm.boot_again_after_panic(attempts.boot, attempts.reset, localvm.Silent())
+        localvm.boot_again_after_panic(attempts.boot, attempts.reset)
     assert (attempts.tries, attempts.resets) == (1, 0)

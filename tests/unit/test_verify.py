@@ -44,7 +44,7 @@ def test_the_deploy_context_reads_the_images_manifest(tmp_path: Path) -> None:
 
 def test_an_unreadable_manifest_is_a_verify_error(tmp_path: Path) -> None:
     expect = {"role": "intranet", "manifest": str(tmp_path / "gone.manifest.json")}
-    with pytest.raises(VerifyError, match=r"^cannot read the manifest of the deployed image .*gone\.manifest\.json: "):
+    with pytest.raises(VerifyError, match=r"^cannot read the image manifest .*gone\.manifest\.json: "):
         verify.deploy_context(expect)
 
 
