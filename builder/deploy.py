@@ -1356,16 +1356,25 @@ def history_lines(journal: Journal) -> list[str]:
 # --- one command -----------------------------------------------------------------------------------------------------
 
 
+def resumable_plan(journal: Journal, image: Path | None) -> DeployPlan | None:
+    """The journal's unfinished deploy, to be resumed as it was planned (None: nothing is unfinished); asking for
+    another image meanwhile is refused."""
+    pending = journal.unfinished()
+    if pending is None:
+        return None
+    plan = DeployPlan.from_json(pending["plan"])
+    if image is not None and Path(plan.image) != image:
+        raise DeployError(f"deploy {plan.deploy_id} of {plan.image} is unfinished ({pending['phase']}): rerun "
+                          "without --image to resume it first")
+    return plan
+
+
 def resume_or_plan(settings: Settings, site: Site, role: str, image: Path | None, swap: bool, *,
                    provider: Provider, journal: Journal, secrets_path: Path | None = None,
                    seed: Seed | None = None, keep: int = KEEP_ROLLBACKS) -> tuple[DeployPlan, bool]:
     """The unfinished deploy of the journal (resumed as planned), else a new plan. (plan, resumed)."""
-    pending = journal.unfinished()
-    if pending is not None:
-        plan = DeployPlan.from_json(pending["plan"])
-        if image is not None and Path(plan.image) != image:
-            raise DeployError(f"deploy {plan.deploy_id} of {plan.image} is unfinished ({pending['phase']}): rerun "
-                              "without --image to resume it first")
+    plan = resumable_plan(journal, image)
+    if plan is not None:
         return plan, True
     return plan_deploy(settings, site, role, image, swap, provider=provider, secrets_path=secrets_path, seed=seed,
                        keep=keep), False

@@ -63,8 +63,9 @@ from .deploy import (
     execute,
     health_gate,
     parse_net,
+    plan_deploy,
     render_net,
-    resume_or_plan,
+    resumable_plan,
     unfinished_plan,
 )
 from .errors import BootError, DeployError, GuestPanic, HomelabError
@@ -754,18 +755,19 @@ def plan_local(settings: Settings, role: str, site_path: Path, secrets_path: Pat
     deploy, the seed of a local VM, the local journal. The data volumes are made (once) when a VM is created."""
     site = load_site(site_path)
     journal = Journal(journal_path(settings, role))
-    pending = journal.unfinished()
+    pending = resumable_plan(journal, image)
     if pending is not None:  # resumed as planned: on the bridge its VMs were created on
-        planned = planned_bridge(DeployPlan.from_json(pending["plan"]))
+        planned = planned_bridge(pending)
         if bridge is not None and bridge != planned:
-            raise DeployError(f"deploy {pending['id']} of {role} is unfinished on bridge {planned or 'none'}: rerun "
-                              f"without --bridge to resume it there (or add --abandon to undo it)")
-        bridge = planned
+            raise DeployError(f"deploy {pending.deploy_id} of {role} is unfinished on bridge {planned or 'none'}: "
+                              "rerun without --bridge to resume it there (or add --abandon to undo it)")
+        return pending, True, LocalProvider(settings, role, user=site.admin_user, bridge=planned, accel=accel,
+                                            memory_mb=memory_mb), journal
     provider = LocalProvider(settings, role, user=site.admin_user, bridge=bridge, accel=accel, memory_mb=memory_mb)
     seed = local_seed(settings, site, role, load_secrets(secrets_path), bridge)
-    plan, resumed = resume_or_plan(settings, site_for_local_deploy(settings, site, role, bridge), role, image, swap,
-                                   provider=provider, journal=journal, seed=seed, keep=keep)
-    return plan, resumed, provider, journal
+    plan = plan_deploy(settings, site_for_local_deploy(settings, site, role, bridge), role, image, swap,
+                       provider=provider, seed=seed, keep=keep)
+    return plan, False, provider, journal
 
 
 def deploy_local(settings: Settings, role: str, site_path: Path, secrets_path: Path | None, *,

@@ -517,8 +517,17 @@ def test_a_resumed_rehearsal_runs_on_the_bridge_it_was_planned_for(settings: Set
     secrets = FIXTURES / "site" / "test-secrets.yaml"
     plan, _resumed, _provider, journal = lp.plan_local(settings, ROLE, SITE, secrets, bridge="br-served")
     journal.record(plan)  # left unfinished
+
+    def no_seed(*args: object) -> None:
+        raise AssertionError("a resumed deploy renders no new seed: its plan names the one it uploaded")
+
+    monkeypatch.setattr(lp, "local_seed", no_seed)
     again, resumed, provider, _journal = lp.plan_local(settings, ROLE, SITE, secrets)  # no --bridge this time
     assert resumed and again.deploy_id == plan.deploy_id and provider.bridge == "br-served"
+    assert again.to_json() == plan.to_json()
+    with pytest.raises(DeployError, match=rf"^deploy {plan.deploy_id} of .* is unfinished \(forward\): rerun "
+                                          r"without --image to resume it first$"):
+        lp.plan_local(settings, ROLE, SITE, secrets, image=settings.build_dir / "other.qcow2")
     with pytest.raises(DeployError, match=rf"^deploy {plan.deploy_id} of intranet is unfinished on bridge "
                                           r"br-served: rerun without --bridge to resume it there \(or add --abandon "
                                           r"to undo it\)$"):
