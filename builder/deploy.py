@@ -637,8 +637,8 @@ def _cutover(role: str, deploy_id: str, blue: int, green: int, volumes: list[Dat
     rollback += [
         Step("identity-back", "identity", {"from": green, "to": blue}, f"VM {blue}'s link up, VM {green}'s down"),
         Step("start-blue", "start", {"vmid": blue}, f"start VM {blue}"),
-        Step("start-blue-stack", "start_stack", {"vmid": blue, "deadline": HEALTH_DEADLINE},
-             f"systemctl start {STACK_UNIT} on VM {blue}"),
+        Step("start-blue-stack", "start_stack", {"vmid": blue, "deadline": HEALTH_DEADLINE, "retry_failed": True},
+             f"systemctl start {STACK_UNIT} on VM {blue} (retried until the deadline: nowhere else to go)"),
         Step("blue-health-gate", "health_gate", {"vmid": blue, "deadline": HEALTH_DEADLINE, "mark": "healthy"},
              f"VM {blue} healthy again (downtime ends)"),
         Step("tag-failed", "set_tags", {"vmid": green, "colour": ["failed"]}, f"tag VM {green} failed (stopped)"),
@@ -1055,17 +1055,24 @@ class _Runner:
                               f"{(result.err or result.out).strip()[:200]}")
         return {"vmid": vmid, "created": "network and containers"}
 
-    def _start_stack(self, vmid: int, deadline: float, mark: str | None = None) -> dict[str, Any]:
+    def _start_stack(self, vmid: int, deadline: float, mark: str | None = None,
+                     retry_failed: bool = False) -> dict[str, Any]:
         self._mark(mark)
 
         def once() -> dict[str, Any] | str:
             try:
                 self.provider.agent_ping(vmid)
-            except HomelabError as exc:
+            except HomelabError as exc:  # a guest agent not up yet (blue booting in a rollback): waited for
                 return f"agent: {exc}"
             result = self.provider.agent_exec(vmid, ("systemctl", "start", STACK_UNIT), HEALTH_DEADLINE)
             if result.exitcode != 0:
-                return f"systemctl start {STACK_UNIT} exited {result.exitcode}: {(result.err or result.out).strip()}"
+                # The unit's `docker compose up --wait` already waited for every healthcheck (each with its own
+                # start_period): its failure is the services' verdict. A new VM fails now, so a broken image is
+                # rolled back at once rather than after the deadline (10 minutes of outage); the rollback's blue,
+                # with nowhere else to go, is given until the deadline.
+                failed = DeployError if retry_failed else NotWorthWaiting
+                raise failed(f"VM {vmid}: systemctl start {STACK_UNIT} exited {result.exitcode}: "
+                     f"{_why_stack_failed(self.provider, vmid, result)}")
             return {"vmid": vmid}
 
         return _until(self.provider, deadline, f"VM {vmid}: the stack did not start", once)
@@ -1237,6 +1244,10 @@ def _share_mappings(config: Mapping[str, str]) -> set[str]:
     return {_dirid(value) for key, value in config.items() if key.startswith("virtiofs")}
 
 
+class NotWorthWaiting(DeployError):
+    """A failure the deadline cannot change: _until raises it at once instead of retrying until then."""
+
+
 def _until(provider: Provider, deadline: float, what: str,
            once: Callable[[], dict[str, Any] | str]) -> dict[str, Any]:
     """Retry `once` (a result dict, or the reason it is not there yet) until it passes or the deadline."""
@@ -1244,7 +1255,9 @@ def _until(provider: Provider, deadline: float, what: str,
     while True:
         try:
             answer = once()
-        except HomelabError as exc:
+        except NotWorthWaiting:
+            raise
+        except HomelabError as exc:  # the API or the agent not answering for a moment
             answer = str(exc)
         if isinstance(answer, dict):
             return answer
@@ -1293,6 +1306,16 @@ def compose_unhealthy(text: str) -> list[str]:
         if state != "running" or health not in ("", "healthy"):
             bad.append(f"{row.get('Service') or row.get('Name')}: {state}{'/' + health if health else ''}")
     return bad or ([] if rows else ["no containers"])
+
+
+def _why_stack_failed(provider: Provider, vmid: int, start: GuestResult) -> str:
+    """The services compose shows not running or not healthy after a failed start (systemctl itself only says
+    "see journalctl"), else what systemctl said."""
+    ps = provider.agent_exec(vmid, HEALTH_COMMANDS[1], HEALTH_DEADLINE)
+    bad = compose_unhealthy(ps.out) if ps.exitcode == 0 else []
+    if bad and bad != ["no containers"]:
+        return "not healthy: " + ", ".join(bad)
+    return " ".join((start.err or start.out).split())[:200] or "no output"  # one line
 
 
 def health_once(provider: Provider, vmid: int, endpoints: tuple[Endpoint, ...] = ()) -> dict[str, Any] | str:

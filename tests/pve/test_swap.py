@@ -59,6 +59,7 @@ class Guests:
     endpoint_down: str | None = None  # the URL of a service's own health endpoint that does not answer
     host_key_readable: bool = True
     create_fails: bool = False  # `docker compose create` on isolated green fails
+    start_fails: bool = False  # `systemctl start` of the stack fails (`up --wait`: a container unhealthy)
 
     def agent(self, vm: Vm) -> Agent:
         verify = [ExecResult(out="status: done\n"), ExecResult(out="running\n"), ExecResult()]
@@ -82,7 +83,10 @@ class Guests:
             ExecResult(exitcode=1, err="service jellyfin: image docker.io/jellyfin/jellyfin:10.11.11 not found\n")
             if self.create_fails else ExecResult())
         commands[f"systemctl stop {deploy.STACK_UNIT}"] = ExecResult()
-        commands[f"systemctl start {deploy.STACK_UNIT}"] = ExecResult()
+        commands[f"systemctl start {deploy.STACK_UNIT}"] = (
+            ExecResult(exitcode=1, err=f"Job for {deploy.STACK_UNIT} failed because the control process exited with "
+                                      f"error code.\nSee \"systemctl status {deploy.STACK_UNIT}\" for details.\n")
+            if self.start_fails else ExecResult())
         commands[f"systemctl is-active {deploy.VOLUMES_UNIT}"] = (
             ExecResult(out="active\n") if self.mounts_isolated else ExecResult(exitcode=3, out="inactive\n"))
         commands[f"cat {HOST_KEY}"] = (
@@ -458,6 +462,54 @@ def test_health_gate_failing_after_cutover_rolls_back_to_blue(env: Env) -> None:
     assert env.deploy(swap=True).outcome == "live"
     assert_invariants(env, disk)
     assert 102 not in env.pve.state.vms
+
+
+def test_a_green_whose_stack_fails_to_start_is_rolled_back_at_once(env: Env) -> None:
+    """`systemctl start` ran `docker compose up --wait`, which waited for the healthchecks: its failure is not
+    retried until the deadline (the outage would last it), and the error names the unhealthy service."""
+    blue = first_deploy(env)
+    disk = env.disk()
+    env.guests.start_fails = True
+    env.guests.healthy = False
+    env.build()
+    with pytest.raises(DeployError, match=rf"failed at start-stack: VM 102: systemctl start {deploy.STACK_UNIT} "
+                                          r"exited 1: not healthy: db: running/unhealthy; rolled back to VM 101"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, disk) is blue
+    green = [line(r.params["command"]) for r in env.pve.calls("POST", r"/qemu/102/agent/exec$")]
+    assert green.count(f"systemctl start {deploy.STACK_UNIT}") == 1
+    entry = env.journal.deploys[-1]
+    assert entry["rolled"]["restore-snapshot"]["restored"] is True
+    assert entry["rolled"]["stop-green"]["at"] - entry["marks"]["green_started"] < deploy.POLL
+
+
+class FailsOnce(dict[str, ExecResult]):
+    """Agent answers where `line` fails the first time it is asked."""
+
+    def __init__(self, answers: dict[str, ExecResult], line: str) -> None:
+        super().__init__(answers)
+        self.line, self.asked = line, 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == self.line:
+            self.asked += 1
+            if self.asked == 1:
+                return ExecResult(exitcode=1, err=f"Job for {key.split()[-1]} failed.\n")
+        return super().get(key, default)
+
+
+def test_the_rollbacks_blue_is_given_until_the_deadline_to_start_its_stack(env: Env) -> None:
+    """Blue, the rollback's only way back, is not failed at its first stack start failure as a new VM is."""
+    blue = first_deploy(env)
+    disk = env.disk()
+    start = f"systemctl start {deploy.STACK_UNIT}"
+    blue.agent.commands = FailsOnce(blue.agent.commands, start)
+    env.guests.start_fails = True
+    env.build()
+    with pytest.raises(DeployError, match=r"failed at start-stack: .*; rolled back to VM 101$"):
+        env.deploy(swap=True)
+    assert assert_invariants(env, disk) is blue
+    assert isinstance(blue.agent.commands, FailsOnce) and blue.agent.commands.asked == 2
 
 
 # Each step of a swap, by the request that does it: (name, method, path regex, nth match within the swap).
