@@ -12,9 +12,9 @@ setup:
 	./setup.sh
 
 test:
-	$(PYTEST) -m "not rehearsal" tests
+	$(PYTEST) tests
 
-# The local swap end to end (tests/vm/test_local_swap.py): five boots, about 30 minutes under TCG.
+# The local swap end to end alone (tests/vm/test_local_swap.py, also in `make test`): about 15 minutes under TCG.
 test-rehearsal:
 	$(PYTEST) -m rehearsal tests/vm
 
