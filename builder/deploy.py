@@ -1072,7 +1072,7 @@ class _Runner:
                 # with nowhere else to go, is given until the deadline.
                 failed = DeployError if retry_failed else NotWorthWaiting
                 raise failed(f"VM {vmid}: systemctl start {STACK_UNIT} exited {result.exitcode}: "
-                     f"{_why_stack_failed(self.provider, vmid, result)}")
+                             f"{_why_stack_failed(self.provider, vmid, result)}")
             return {"vmid": vmid}
 
         return _until(self.provider, deadline, f"VM {vmid}: the stack did not start", once)
