@@ -2,7 +2,7 @@
 
 One class, its tests in order (each builds on the previous): a first deploy of the intranet; data written in it; a
 swap to a new build (a changed motd) whose green VM reads that data; a swap to a deliberately broken build (a
-healthcheck that always fails) that rolls back by itself, the data and the previous VM serving again. About 30
+healthcheck that always fails) that rolls back by itself, the data and the previous VM serving again. About 12-17
 minutes under TCG on 2 cores (five boots and two incremental builds).
 """
 
