@@ -1073,6 +1073,11 @@ class _Runner:
                 failed = DeployError if retry_failed else NotWorthWaiting
                 raise failed(f"VM {vmid}: systemctl start {STACK_UNIT} exited {result.exitcode}: "
                              f"{_why_stack_failed(self.provider, vmid, result)}")
+            # A unit skipped by its ExecCondition (`volumes serving`: the link's carrier not seen yet) makes
+            # `systemctl start` exit 0 too: started again at the next poll, not left to the health gate's deadline.
+            state = self.provider.agent_exec(vmid, HEALTH_COMMANDS[0], HEALTH_DEADLINE)
+            if state.exitcode != 0:
+                return f"{STACK_UNIT} is {(state.out or state.err).strip() or 'not active'} (skipped: not serving yet)"
             return {"vmid": vmid}
 
         return _until(self.provider, deadline, f"VM {vmid}: the stack did not start", once)

@@ -483,18 +483,18 @@ def test_a_green_whose_stack_fails_to_start_is_rolled_back_at_once(env: Env) -> 
     assert entry["rolled"]["stop-green"]["at"] - entry["marks"]["green_started"] < deploy.POLL
 
 
-class FailsOnce(dict[str, ExecResult]):
-    """Agent answers where `line` fails the first time it is asked."""
+class FirstAnswer(dict[str, ExecResult]):
+    """Agent answers where `line` gets `first` the first time it is asked."""
 
-    def __init__(self, answers: dict[str, ExecResult], line: str) -> None:
+    def __init__(self, answers: dict[str, ExecResult], line: str, first: ExecResult) -> None:
         super().__init__(answers)
-        self.line, self.asked = line, 0
+        self.line, self.first, self.asked = line, first, 0
 
     def get(self, key: str, default: Any = None) -> Any:
         if key == self.line:
             self.asked += 1
             if self.asked == 1:
-                return ExecResult(exitcode=1, err=f"Job for {key.split()[-1]} failed.\n")
+                return self.first
         return super().get(key, default)
 
 
@@ -503,13 +503,36 @@ def test_the_rollbacks_blue_is_given_until_the_deadline_to_start_its_stack(env: 
     blue = first_deploy(env)
     disk = env.disk()
     start = f"systemctl start {deploy.STACK_UNIT}"
-    blue.agent.commands = FailsOnce(blue.agent.commands, start)
+    blue.agent.commands = FirstAnswer(blue.agent.commands, start, ExecResult(exitcode=1, err="Job failed.\n"))
     env.guests.start_fails = True
     env.build()
     with pytest.raises(DeployError, match=r"failed at start-stack: .*; rolled back to VM 101$"):
         env.deploy(swap=True)
     assert assert_invariants(env, disk) is blue
-    assert isinstance(blue.agent.commands, FailsOnce) and blue.agent.commands.asked == 2
+    assert isinstance(blue.agent.commands, FirstAnswer) and blue.agent.commands.asked == 2
+
+
+def test_a_stack_its_condition_skipped_is_started_again_not_left_to_the_gate(env: Env) -> None:
+    """`volumes serving` found no carrier yet: the unit was skipped and `systemctl start` exited 0 all the same."""
+    first_deploy(env)
+    disk = env.disk()
+    env.build()
+    started = f"systemctl start {deploy.STACK_UNIT}"
+    agent_for = env.pve.state.agent_for
+
+    def skipped_once(vm: Any) -> Any:
+        agent = agent_for(vm)
+        agent.commands = FirstAnswer(agent.commands, line(deploy.HEALTH_COMMANDS[0]),
+                                     ExecResult(exitcode=3, out="inactive\n"))
+        return agent
+
+    env.pve.state.agent_for = skipped_once
+    assert env.deploy(swap=True).outcome == "live"
+    assert_invariants(env, disk)
+    green = [line(r.params["command"]) for r in env.pve.calls("POST", r"/qemu/102/agent/exec$")]
+    assert green.count(started) == 2
+    entry = env.journal.deploys[-1]
+    assert entry["done"]["start-stack"]["at"] - entry["marks"]["green_started"] <= deploy.POLL + 1
 
 
 # Each step of a swap, by the request that does it: (name, method, path regex, nth match within the swap).
@@ -531,8 +554,9 @@ SWAP_CALLS = [
     ("identity (blue)", "PUT", r"/qemu/101/config$", 6, False),
     ("identity (green)", "PUT", r"/qemu/102/config$", 1, False),
     ("start-stack", "POST", r"/qemu/102/agent/exec$", 6, False),
-    ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 7, False),
-    ("testinfra (green's host key)", "POST", r"/qemu/102/agent/exec$", 14, False),
+    ("start-stack (started?)", "GET", r"/qemu/102/agent/exec-status$", 7, False),
+    ("health-gate", "GET", r"/qemu/102/agent/exec-status$", 8, False),
+    ("testinfra (green's host key)", "POST", r"/qemu/102/agent/exec$", 15, False),
     ("drop-snapshot", "DELETE", r"/qemu/102/snapshot/", 1, True),
     ("tag-live", "PUT", r"/qemu/102/config$", 2, False),
     ("tag-blue", "PUT", r"/qemu/101/config$", 7, False),
