@@ -1070,14 +1070,16 @@ class _Runner:
                 # start_period): its failure is the services' verdict. A new VM fails now, so a broken image is
                 # rolled back at once rather than after the deadline (10 minutes of outage); the rollback's blue,
                 # with nowhere else to go, is given until the deadline.
-                failed = DeployError if retry_failed else NotWorthWaiting
-                raise failed(f"VM {vmid}: systemctl start {STACK_UNIT} exited {result.exitcode}: "
-                             f"{_why_stack_failed(self.provider, vmid, result)}")
+                failure = (f"VM {vmid}: systemctl start {STACK_UNIT} exited {result.exitcode}: "
+                           f"{_why_stack_failed(self.provider, vmid, result)}")
+                if retry_failed:
+                    return failure
+                raise NotWorthWaiting(failure)
             # A unit skipped by its ExecCondition (`volumes serving`: the link's carrier not seen yet) makes
             # `systemctl start` exit 0 too: started again at the next poll, not left to the health gate's deadline.
-            state = self.provider.agent_exec(vmid, HEALTH_COMMANDS[0], HEALTH_DEADLINE)
-            if state.exitcode != 0:
-                return f"{STACK_UNIT} is {(state.out or state.err).strip() or 'not active'} (skipped: not serving yet)"
+            inactive = _stack_not_active(self.provider, vmid)
+            if inactive:
+                return f"{inactive} (skipped: not serving yet)"
             return {"vmid": vmid}
 
         return _until(self.provider, deadline, f"VM {vmid}: the stack did not start", once)
@@ -1313,6 +1315,14 @@ def compose_unhealthy(text: str) -> list[str]:
     return bad or ([] if rows else ["no containers"])
 
 
+def _stack_not_active(provider: Provider, vmid: int) -> str | None:
+    """Why the stack unit is not active (`systemctl is-active`), None when it is."""
+    active = provider.agent_exec(vmid, HEALTH_COMMANDS[0], HEALTH_DEADLINE)
+    if active.exitcode == 0:
+        return None
+    return f"{STACK_UNIT} is {(active.out or active.err).strip() or 'not active'}"
+
+
 def _why_stack_failed(provider: Provider, vmid: int, start: GuestResult) -> str:
     """The services compose shows not running or not healthy after a failed start (systemctl itself only says
     "see journalctl"), else what systemctl said."""
@@ -1328,9 +1338,9 @@ def health_once(provider: Provider, vmid: int, endpoints: tuple[Endpoint, ...] =
         provider.agent_ping(vmid)
     except HomelabError as exc:
         return f"agent: {exc}"
-    active = provider.agent_exec(vmid, HEALTH_COMMANDS[0], HEALTH_DEADLINE)
-    if active.exitcode != 0:
-        return f"{STACK_UNIT} is {(active.out or active.err).strip() or 'not active'}"
+    inactive = _stack_not_active(provider, vmid)
+    if inactive:
+        return inactive
     ps = provider.agent_exec(vmid, HEALTH_COMMANDS[1], HEALTH_DEADLINE)
     if ps.exitcode != 0:
         return f"docker compose ps exited {ps.exitcode}: {ps.err.strip()[:200]}"

@@ -761,9 +761,10 @@ def plan_local(settings: Settings, role: str, site_path: Path, secrets_path: Pat
         if bridge is not None and bridge != planned:
             raise DeployError(f"deploy {pending.deploy_id} of {role} is unfinished on bridge {planned or 'none'}: "
                               "rerun without --bridge to resume it there (or add --abandon to undo it)")
-        return pending, True, LocalProvider(settings, role, user=site.admin_user, bridge=planned, accel=accel,
-                                            memory_mb=memory_mb), journal
+        bridge = planned
     provider = LocalProvider(settings, role, user=site.admin_user, bridge=bridge, accel=accel, memory_mb=memory_mb)
+    if pending is not None:
+        return pending, True, provider, journal
     seed = local_seed(settings, site, role, load_secrets(secrets_path), bridge)
     plan = plan_deploy(settings, site_for_local_deploy(settings, site, role, bridge), role, image, swap,
                        provider=provider, seed=seed, keep=keep)
